@@ -1,0 +1,24 @@
+"""Backends by name: `local` (the embedded default) and `azure`."""
+from __future__ import annotations
+
+from typing import Any
+
+from saferollout.backends.base import Backend
+from saferollout.errors import SpecError
+
+BACKEND_NAMES = ("local", "azure")
+
+
+def get_backend(name: str = "local", **settings: Any) -> Backend:
+    """Return the backend called `name`; settings go to its constructor (e.g. `home=` for local)."""
+    if name == "local":
+        from saferollout.backends.local.backend import LocalBackend
+
+        return LocalBackend(**settings)
+    if name == "azure":
+        try:
+            from saferollout.backends.azure.backend import AzureBackend
+        except ImportError as exc:  # not built yet, or the SDK is missing
+            raise SpecError(f"the azure backend is not available: {exc}") from exc
+        return AzureBackend(**settings)
+    raise SpecError(f"unknown backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}")

@@ -1,0 +1,245 @@
+"""One `azmlinfsrv` process per instance: start, readiness, liveness, restart, stop.
+
+The user's scoring script runs unchanged under the official Azure ML inference server, with
+`AZUREML_MODEL_DIR` pointing at the registered model as on Azure. Instances are children of the platform
+process and die with it (PR_SET_PDEATHSIG), so a killed platform never leaves orphans holding ports.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from saferollout.specs import ProbeSettings
+
+PR_SET_PDEATHSIG = 1
+READINESS_POLL_S = 0.1
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM us when the platform process dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the platform's stop still terminates instances
+        pass
+    os.setpgrp()  # own process group, so stop() reaches the server's workers too
+
+
+def server_command() -> list[str]:
+    exe = shutil.which("azmlinfsrv", path=str(Path(sys.executable).parent)) or shutil.which("azmlinfsrv")
+    if exe is None:
+        raise RuntimeError("azmlinfsrv not found: install azureml-inference-server-http")
+    return [exe]
+
+
+@dataclass
+class InstanceConfig:
+    endpoint: str
+    deployment: str
+    index: int
+    code_dir: str
+    scoring_script: str
+    model_dir: str | None
+    environment_variables: dict[str, str]
+    readiness: ProbeSettings
+    liveness: ProbeSettings
+    log_path: Path
+
+
+class Instance:
+    """A supervised `azmlinfsrv` process serving one deployment instance on a loopback port."""
+
+    def __init__(self, config: InstanceConfig, on_change: Callable[[], None]):
+        self.config = config
+        self.port = 0
+        self.state = "new"  # new | starting | ready | restarting | failed | stopped
+        self.reason = ""
+        self.in_flight = 0
+        self.restarts = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self._on_change = on_change
+        self._supervisor: asyncio.Task | None = None
+        self._stopping = False
+        self._ready_event = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.deployment}-{self.config.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/score"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "state": self.state, "port": self.port, "restarts": self.restarts,
+                "pid": self.process.pid if self.process else None, "reason": self.reason}
+
+    async def start(self) -> bool:
+        """Start the process and wait until it is ready; False (with `reason`) if it never gets there."""
+        ok = await self._spawn_until_ready()
+        if ok:
+            self._supervisor = asyncio.create_task(self._supervise())
+        return ok
+
+    async def _spawn_until_ready(self) -> bool:
+        self._set_state("starting")
+        self.port = free_port()
+        await self._spawn()
+        ready = await self._wait_ready()
+        if not ready:
+            await self._kill()
+            self._set_state("failed")
+        return ready
+
+    async def _spawn(self) -> None:
+        cfg = self.config
+        env = dict(os.environ)
+        env.update(cfg.environment_variables)
+        env["AZUREML_ENTRY_SCRIPT"] = cfg.scoring_script
+        if cfg.model_dir:
+            env["AZUREML_MODEL_DIR"] = cfg.model_dir
+        env.setdefault("WORKER_COUNT", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(cfg.log_path, "ab")
+        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {self.name} on port {self.port}\n".encode())
+        log.flush()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *server_command(), "--entry_script", str(Path(cfg.code_dir) / cfg.scoring_script),
+                "--port", str(self.port), cwd=cfg.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=log, stderr=log, preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+
+    async def _probe(self, session: aiohttp.ClientSession, timeout_s: float) -> bool:
+        try:
+            async with session.get(f"http://127.0.0.1:{self.port}/",
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def _wait_ready(self) -> bool:
+        """Poll readiness until `success_threshold` passes; give up when the process exits or the budget ends.
+
+        Locally the first probe runs at once rather than after `initial_delay`: the budget is still
+        initial_delay + period * failure_threshold, as on Azure, but a fast init is noticed fast.
+        """
+        probe = self.config.readiness
+        budget = probe.initial_delay + probe.period * probe.failure_threshold
+        deadline = time.monotonic() + budget
+        successes = 0
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process is None or self.process.returncode is not None:
+                    code = self.process.returncode if self.process else None
+                    self.reason = f"the inference server exited with code {code} before it was ready " \
+                                  f"(the scoring script's init() probably failed)"
+                    return False
+                if await self._probe(session, probe.timeout):
+                    successes += 1
+                    if successes >= probe.success_threshold:
+                        self._set_state("ready")
+                        return True
+                else:
+                    successes = 0
+                await asyncio.sleep(READINESS_POLL_S)
+        self.reason = f"readiness probe did not pass within {budget} s"
+        return False
+
+    async def _supervise(self) -> None:
+        """Liveness: restart on exit or after `failure_threshold` failed probes in a row."""
+        probe = self.config.liveness
+        failures = 0
+        async with aiohttp.ClientSession() as session:
+            while not self._stopping:
+                exit_wait = asyncio.create_task(self.process.wait())
+                done, _ = await asyncio.wait({exit_wait}, timeout=probe.period)
+                if self._stopping:
+                    exit_wait.cancel()
+                    return
+                if exit_wait in done:
+                    failures = probe.failure_threshold
+                    self.reason = f"process exited with code {self.process.returncode}"
+                else:
+                    exit_wait.cancel()
+                    failures = 0 if await self._probe(session, probe.timeout) else failures + 1
+                    if failures:
+                        self.reason = f"liveness probe failed {failures} time(s)"
+                if failures >= probe.failure_threshold:
+                    await self._restart()
+                    failures = 0
+
+    async def _restart(self) -> None:
+        self._set_state("restarting")
+        await self._kill()
+        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restarts += 1
+        while not self._stopping:
+            if await self._spawn_until_ready():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_BACKOFF_S[-1])
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Stop taking requests, let in-flight ones finish (up to `drain_s`), then stop the process."""
+        self._stopping = True
+        self._set_state("stopped")
+        deadline = time.monotonic() + drain_s
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        await self._kill()
+
+    async def _kill(self) -> None:
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                await asyncio.wait_for(proc.wait(), wait_s)
+                return
+            except asyncio.TimeoutError:
+                continue
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._on_change()
+
+
+def tail(path: Path, lines: int | None = None) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "r", errors="replace") as handle:
+        if lines is None:
+            return handle.read()
+        return "".join(deque(handle, maxlen=lines))
