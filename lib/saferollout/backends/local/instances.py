@@ -71,6 +71,7 @@ class Instance:
     def __init__(self, config: InstanceConfig, on_change: Callable[[], None]):
         self.config = config
         self.port = 0
+        self.health_port = 0
         self.state = "new"  # new | starting | ready | restarting | failed | stopped
         self.reason = ""
         self.in_flight = 0
@@ -106,7 +107,7 @@ class Instance:
 
     async def _spawn_until_ready(self) -> bool:
         self._set_state("starting")
-        self.port = free_port()
+        self.port, self.health_port = free_port(), free_port()
         await self._spawn()
         ready = await self._wait_ready()
         if not ready:
@@ -130,7 +131,7 @@ class Instance:
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *server_command(), "--entry_script", str(Path(cfg.code_dir) / cfg.scoring_script),
-                "--port", str(self.port), cwd=cfg.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
+                "--port", str(self.port), "--health_port", str(self.health_port), cwd=cfg.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=log, preexec_fn=_die_with_parent)
         finally:
             log.close()
