@@ -1,0 +1,252 @@
+"""The gateway against real azmlinfsrv instances: routing, the deployment header, mirror, auth, limits.
+
+One endpoint with several echo deployments serves the module; each test reaches the deployment it needs
+through the `azureml-model-deployment` header or the endpoint's split, and leaves traffic as it found it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+from scipy.stats import chisquare
+
+from saferollout.errors import Conflict
+
+from echo_platform import auth, deploy_all, echo_spec, fire, new_endpoint
+
+SPLIT = {"blue": 90, "green": 10}
+
+
+@pytest.fixture(scope="module")
+def gw(local_backend):
+    """An endpoint at blue=90 green=10, plus deployments without live traffic for the edge cases."""
+    endpoint = new_endpoint(local_backend)
+    states = deploy_all(local_backend, [
+        echo_spec(endpoint, "blue"),
+        echo_spec(endpoint, "green"),
+        echo_spec(endpoint, "shadow"),
+        # two instances, one request each at a time, each request held 1 s: admission limit 2*1*2 = 4
+        echo_spec(endpoint, "slow", instance_count=2, max_concurrent=1, env={"ECHO_DELAY_MS": "1000"}),
+        echo_spec(endpoint, "late", timeout_ms=300, env={"ECHO_DELAY_MS": "1500"}),
+        echo_spec(endpoint, "broken", env={"ECHO_FAIL": "1"}),
+    ])
+    assert {n: d.provisioning_state for n, d in states.items()} == dict.fromkeys(states, "Succeeded")
+    local_backend.update_endpoint(endpoint, traffic=SPLIT)
+    yield endpoint
+    local_backend.delete_endpoint(endpoint)
+
+
+@pytest.fixture
+def uri(local_backend, gw):
+    return local_backend.get_endpoint(gw).scoring_uri
+
+
+def post(uri: str, body: bytes | dict, headers: dict[str, str]) -> requests.Response:
+    data = body if isinstance(body, bytes) else None
+    return requests.post(uri, data=data, json=None if data is not None else body, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def split_run(local_backend, gw):
+    """10,000 unpinned requests sent 16 at a time, and the window they were sent in."""
+    uri = local_backend.get_endpoint(gw).scoring_uri
+    started = time.time()
+    answers = fire(uri, [{"i": i} for i in range(10_000)], headers=auth(local_backend, gw), concurrency=16)
+    return answers, started, time.time() + 0.001
+
+
+def test_weighted_routing_honours_the_90_10_split(split_run):
+    answers, _, _ = split_run
+    assert Counter(a.status for a in answers) == {200: 10_000}
+    served = Counter(a.deployment for a in answers)
+    # the answer header and the instance's own answer agree on who served
+    assert all(a.body["name"] == a.deployment for a in answers)
+    observed = [served["blue"], served["green"]]
+    assert sum(observed) == 10_000
+    result = chisquare(observed, [9_000, 1_000])
+    assert result.pvalue > 0.01, f"split {observed} rejects 90/10 (p={result.pvalue:.4g})"
+
+
+def test_every_request_is_recorded_with_its_deployment_and_status(local_backend, gw, split_run):
+    answers, start, end = split_run
+    samples = local_backend.request_samples(gw, start=start, end=end)
+    ours = {a.request_id for a in answers}
+    recorded = [s for s in samples if s.request_id in ours]
+    assert len(recorded) == 10_000
+    assert Counter(s.deployment for s in recorded) == Counter(a.deployment for a in answers)
+    assert {s.status_code for s in recorded} == {200} and not any(s.mirrored for s in recorded)
+    [green] = local_backend.query_metrics(gw, "RequestsPerMinute", aggregation="Total", grain="PT1M",
+                                          start=start, end=end, filter="deployment eq 'green'")
+    assert sum(p.value or 0 for p in green.points) == Counter(a.deployment for a in answers)["green"]
+
+
+def test_deployment_header_pins_the_deployment_and_the_answer_names_it(local_backend, gw, uri):
+    answers = fire(uri, [{"i": i} for i in range(40)], headers=auth(local_backend, gw, **{
+        "azureml-model-deployment": "green"}))
+    assert {(a.status, a.deployment, a.body["name"]) for a in answers} == {(200, "green", "green")}
+    # a deployment without live traffic is reachable through the header too (smoke tests do this)
+    resp = post(uri, {"x": 1}, auth(local_backend, gw, **{"azureml-model-deployment": "shadow"}))
+    assert resp.status_code == 200 and resp.headers["azureml-model-deployment"] == "shadow"
+    assert resp.headers["x-request-id"]
+
+
+def test_unknown_deployment_header_is_404_and_changes_nothing(local_backend, gw, uri):
+    before = local_backend.get_endpoint(gw)
+    resp = post(uri, {"x": 1}, auth(local_backend, gw, **{"azureml-model-deployment": "nope"}))
+    assert resp.status_code == 404
+    assert resp.json()["message"] == f"deployment 'nope' not found on endpoint '{gw}'"
+    assert local_backend.get_endpoint(gw) == before
+
+
+def test_unknown_endpoint_is_404(local_backend, gw, uri):
+    resp = post(uri.replace(f"/{gw}/", "/no-such-endpoint/"), {"x": 1}, auth(local_backend, gw))
+    assert resp.status_code == 404 and resp.json()["message"] == "endpoint 'no-such-endpoint' not found"
+
+
+def test_mirror_copies_only_unpinned_requests_and_never_answers_the_client(local_backend, gw, uri):
+    local_backend.update_endpoint(gw, mirror_traffic={"shadow": 50})
+    try:
+        started = time.time()
+        unpinned = fire(uri, [{"i": i} for i in range(200)], headers=auth(local_backend, gw))
+        pinned = fire(uri, [{"p": i} for i in range(30)], headers=auth(local_backend, gw, **{
+            "azureml-model-deployment": "blue"}))
+        time.sleep(0.5)  # mirrored copies finish in the background
+        end = time.time()
+    finally:
+        local_backend.update_endpoint(gw, mirror_traffic={})
+    assert all(a.status == 200 and a.deployment in SPLIT and a.body["name"] in SPLIT for a in unpinned + pinned)
+    mirrored = [s for s in local_backend.request_samples(gw, deployment="shadow", start=started, end=end,
+                                                         include_mirrored=True)]
+    assert mirrored and all(s.mirrored and s.status_code == 200 for s in mirrored)
+    assert 60 <= len(mirrored) <= 140, f"{len(mirrored)} of 200 mirrored at 50%"
+    assert not local_backend.request_samples(gw, deployment="shadow", start=started, end=end)  # not live
+    pairs = local_backend.mirrored_pairs(gw, start=started, end=end)
+    pinned_ids = {a.request_id for a in pinned}
+    by_id = {a.request_id: a for a in unpinned}
+    assert {p.request_id for p in pairs} == {s.request_id for s in mirrored}
+    assert not pinned_ids & {p.request_id for p in pairs}
+    for pair in pairs:
+        client = by_id[pair.request_id]
+        assert pair.live_deployment == client.deployment and pair.mirror_deployment == "shadow"
+        assert b'"name": "shadow"' in pair.mirror_body.replace(b'":"', b'": "')
+        assert pair.request_body.replace(b" ", b"") == f'{{"i":{client.body["echo"]["i"]}}}'.encode()
+
+
+def test_request_over_request_timeout_ms_is_408(local_backend, gw, uri):
+    resp = post(uri, {"x": 1}, auth(local_backend, gw, **{"azureml-model-deployment": "late"}))
+    assert resp.status_code == 408
+    assert resp.json()["message"] == "request timed out after 300 ms (request_timeout_ms)"
+    assert resp.headers["azureml-model-deployment"] == "late"
+
+
+def test_over_twice_the_concurrency_of_all_instances_is_429_and_load_is_balanced(local_backend, gw, uri):
+    answers = fire(uri, [{"i": i} for i in range(7)], headers=auth(local_backend, gw, **{
+        "azureml-model-deployment": "slow"}), concurrency=7)
+    statuses = Counter(a.status for a in answers)
+    assert statuses == {200: 4, 429: 3}  # limit: 2 * max_concurrent_requests_per_instance(1) * instances(2)
+    refused = next(a for a in answers if a.status == 429)
+    assert refused.body["message"] == "too many requests for deployment 'slow': 4 in flight, limit 4"
+    served_by = {a.body["pid"] for a in answers if a.status == 200}
+    assert len(served_by) == 2  # both instances took requests
+
+
+def test_model_server_failure_is_424_with_its_status(local_backend, gw, uri):
+    resp = post(uri, {"x": 1}, auth(local_backend, gw, **{"azureml-model-deployment": "broken"}))
+    assert resp.status_code == 424
+    assert resp.json()["message"] == "model server answered 500"
+    assert resp.headers["ms-azureml-model-error-statuscode"] == "500"
+    # the inference server's own error body is passed on for diagnosis
+    assert "error occurred in scoring script" in resp.json()["model_error"]
+
+
+def test_body_over_the_size_limit_is_413(local_backend, gw, uri):
+    big = b'{"data": "' + b"x" * (1536 * 1024) + b'"}'
+    resp = post(uri, big, auth(local_backend, gw, **{"Content-Type": "application/json"}))
+    assert resp.status_code == 413
+    assert resp.json()["message"] == f"request body of {len(big)} bytes is over the limit of {1536 * 1024} bytes"
+
+
+def test_malformed_json_is_400_and_not_forwarded(local_backend, gw, uri):
+    start = time.time()
+    resp = post(uri, b'{"data": [1, 2', auth(local_backend, gw, **{"Content-Type": "application/json"}))
+    assert resp.status_code == 400
+    assert resp.json()["message"].startswith("malformed JSON in request body: ")
+    rid = resp.headers["x-request-id"]
+    assert rid not in {s.request_id for s in local_backend.request_samples(gw, start=start, end=time.time() + 1)}
+
+
+@pytest.mark.parametrize("header, message", [
+    (None, "missing credentials: send 'Authorization: Bearer <key or token>'"),
+    ("Bearer not-the-key", "invalid key"),
+    ("Basic abc", "missing credentials: send 'Authorization: Bearer <key or token>'"),
+])
+def test_missing_or_wrong_key_is_401(local_backend, gw, uri, header, message):
+    resp = post(uri, {"x": 1}, {"Authorization": header} if header else {})
+    assert resp.status_code == 401 and resp.json()["message"] == message
+
+
+def test_primary_and_secondary_keys_work_and_regenerating_one_revokes_it(local_backend, gw, uri):
+    before = local_backend.get_credentials(gw)
+    for key in (before.primary_key, before.secondary_key):
+        assert post(uri, {"x": 1}, {"Authorization": f"Bearer {key}"}).status_code == 200
+    after = local_backend.regenerate_keys(gw, "secondary")
+    assert after.primary_key == before.primary_key and after.secondary_key != before.secondary_key
+    old = post(uri, {"x": 1}, {"Authorization": f"Bearer {before.secondary_key}"})
+    assert old.status_code == 401 and old.json()["message"] == "invalid key"
+    for key in (after.primary_key, after.secondary_key):
+        assert post(uri, {"x": 1}, {"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_aml_token_endpoint_accepts_its_token_and_refuses_others(local_backend, gw):
+    first, second = new_endpoint(local_backend, "aml_token"), new_endpoint(local_backend, "aml_token")
+    try:
+        cred = local_backend.get_credentials(first)
+        assert cred.auth_mode == "aml_token" and cred.expiry_time_utc > time.time() + 60
+        uri = local_backend.get_endpoint(first).scoring_uri
+        ok = post(uri, {"x": 1}, {"Authorization": f"Bearer {cred.access_token}"})
+        # past authentication, an endpoint without traffic has nothing to route to
+        assert ok.status_code == 404
+        assert ok.json()["message"] == f"no deployment to route to: endpoint '{first}' has no traffic set"
+        foreign = post(uri, {"x": 1}, auth(local_backend, second))
+        assert foreign.status_code == 401 and foreign.json()["message"] == "token was issued for another endpoint"
+        key = post(uri, {"x": 1}, auth(local_backend, gw))
+        assert key.status_code == 401 and key.json()["message"] == "invalid token"
+    finally:
+        local_backend.delete_endpoint(first)
+        local_backend.delete_endpoint(second)
+
+
+def test_traffic_flips_under_load_without_a_single_failed_request(local_backend, gw, uri):
+    headers = auth(local_backend, gw)
+    answers: list = []
+    load = threading.Thread(target=lambda: answers.extend(
+        fire(uri, [{"i": i} for i in range(1500)], headers=headers, concurrency=6)))
+    load.start()
+    flips = 0
+    try:
+        while load.is_alive() and flips < 40:
+            for traffic in ({"blue": 0, "green": 100}, {"blue": 100, "green": 0}, {"blue": 50, "green": 50}):
+                local_backend.update_endpoint(gw, traffic=traffic)
+                flips += 1
+                time.sleep(0.02)
+    finally:
+        load.join(timeout=120)
+        local_backend.update_endpoint(gw, traffic=SPLIT)
+    assert flips >= 6, "the load ended before traffic flipped a few times"
+    assert len(answers) == 1500
+    assert Counter(a.status for a in answers) == {200: 1500}
+    assert {a.deployment for a in answers} == {"blue", "green"}
+
+
+def test_traffic_to_a_failed_deployment_is_refused(local_backend, gw):
+    """A deployment that never became ready cannot be given traffic (see also test_deployments)."""
+    before = local_backend.get_endpoint(gw)
+    with pytest.raises(Conflict, match="cannot give traffic to deployment 'ghost'"):
+        states = deploy_all(local_backend, [echo_spec(gw, "ghost", env={"ECHO_INIT_FAIL": "1"})])
+        assert states["ghost"].provisioning_state == "Failed"
+        local_backend.update_endpoint(gw, traffic={"blue": 90, "ghost": 10})
+    assert local_backend.get_endpoint(gw) == before
+    local_backend.delete_deployment(gw, "ghost")
