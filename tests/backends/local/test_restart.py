@@ -1,0 +1,119 @@
+"""Restart safety on a private platform: stop/start and SIGKILL bring everything back; liveness restarts.
+
+Also token expiry, which needs a platform started with a short token lifetime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from saferollout.backends.local.daemon import platform_status, start_platform, stop_platform
+
+from echo_platform import auth, deploy_all, echo_spec, new_endpoint, pid_alive, wait_for
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def instance_pids(backend, endpoint: str) -> list[int]:
+    """Every process serving the endpoint: each azmlinfsrv and its workers."""
+    pids = []
+    for dep in backend.list_deployments(endpoint):
+        for inst in dep.instances:
+            pids += [inst["pid"], *child_pids(inst["pid"])]
+    return pids
+
+
+@pytest.fixture(scope="module")
+def kept(private_platform):
+    """An endpoint with tags, a 70/30 split, a mirror and requests served, as a restart must keep it."""
+    backend = private_platform
+    endpoint = new_endpoint(backend, tags={"PROD_DEPLOYMENT": "blue", "team": "risk"})
+    deploy_all(backend, [echo_spec(endpoint, "blue"), echo_spec(endpoint, "green", instance_count=2),
+                         echo_spec(endpoint, "shadow")])
+    backend.update_endpoint(endpoint, traffic={"blue": 70, "green": 30}, mirror_traffic={"shadow": 10})
+    started = time.time()
+    for i in range(20):
+        assert backend.invoke(endpoint, {"i": i}).status == 200
+    return endpoint, started
+
+
+def snapshot(backend, endpoint: str) -> tuple:
+    deployments = {d.name: (d.provisioning_state, d.instance_count, d.model, d.environment_variables,
+                            d.request_settings) for d in backend.list_deployments(endpoint)}
+    return backend.get_endpoint(endpoint), backend.get_credentials(endpoint), deployments
+
+
+def assert_serves(backend, endpoint: str, credentials) -> None:
+    uri = backend.get_endpoint(endpoint).scoring_uri
+    for key in (credentials.primary_key, credentials.secondary_key):
+        resp = requests.post(uri, json={"x": 1}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert resp.status_code == 200 and resp.headers["azureml-model-deployment"] in ("blue", "green")
+
+
+def test_stop_then_start_brings_back_endpoints_deployments_keys_traffic_and_metrics(private_platform, kept):
+    backend, (endpoint, started) = private_platform, kept
+    before = snapshot(backend, endpoint)
+    old_pids = instance_pids(backend, endpoint)
+    assert stop_platform(backend.home)
+    assert not platform_status(backend.home)["running"]
+    assert not any(pid_alive(p) for p in old_pids)  # a graceful stop stops every instance
+    start_platform(backend.home)
+    assert snapshot(backend, endpoint) == before
+    assert all(i["state"] == "ready" for d in backend.list_deployments(endpoint) for i in d.instances)
+    assert_serves(backend, endpoint, before[1])
+    # requests served before the restart are still on record
+    assert len(backend.request_samples(endpoint, start=started, end=started + 3600)) >= 20
+
+
+def test_sigkill_of_the_platform_takes_its_instances_and_a_start_brings_all_back(private_platform, kept):
+    backend, (endpoint, started) = private_platform, kept
+    before = snapshot(backend, endpoint)
+    pid = json.loads((backend.home / "platform.json").read_text())["pid"]
+    old_pids = instance_pids(backend, endpoint)
+    assert len(old_pids) >= 4
+    os.kill(pid, signal.SIGKILL)
+    # PR_SET_PDEATHSIG: no instance outlives the platform, so none keeps a port or a model loaded
+    wait_for(lambda: not any(pid_alive(p) for p in old_pids), 15, what="instances to die with the platform")
+    start_platform(backend.home)
+    assert snapshot(backend, endpoint) == before
+    assert_serves(backend, endpoint, before[1])
+    assert len(backend.request_samples(endpoint, start=started, end=time.time())) >= 20
+
+
+def test_a_killed_instance_is_restarted_by_liveness(private_platform, kept):
+    backend, (endpoint, _) = private_platform, kept
+    [inst] = backend.get_deployment(endpoint, "blue").instances
+    os.kill(inst["pid"], signal.SIGKILL)
+
+    def restarted():
+        [now] = backend.get_deployment(endpoint, "blue").instances
+        return now if now["restarts"] >= 1 and now["state"] == "ready" else None
+    now = wait_for(restarted, 30, what="liveness to restart the killed instance")
+    assert now["pid"] != inst["pid"]
+    assert backend.invoke(endpoint, {"x": 1}, deployment="blue").status == 200
+    assert backend.get_deployment(endpoint, "blue").provisioning_state == "Succeeded"
+
+
+def test_an_expired_token_is_401_with_a_message(private_platform):
+    backend = private_platform
+    endpoint = new_endpoint(backend, "aml_token")
+    uri = backend.get_endpoint(endpoint).scoring_uri
+    headers = auth(backend, endpoint)
+    fresh = requests.post(uri, json={"x": 1}, headers=headers, timeout=30)
+    assert fresh.status_code == 404  # authenticated; no traffic yet
+    time.sleep(2.2)  # this platform issues tokens that live 2 s
+    expired = requests.post(uri, json={"x": 1}, headers=headers, timeout=30)
+    assert expired.status_code == 401
+    assert expired.json()["message"] == "token expired: get a new one with get-credentials"
+    assert requests.post(uri, json={"x": 1}, headers=auth(backend, endpoint), timeout=30).status_code == 404
