@@ -1,8 +1,14 @@
 """Per-request rows -> Azure-named metrics: buckets, filters, percentiles, and no data never read as zero."""
+import time
+
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from saferollout.backends.local.metrics import aggregate, grain_seconds, parse_filter
 from saferollout.errors import SpecError
+
+from echo_platform import deploy_all, echo_spec, new_endpoint
 
 
 def row(ts, deployment, status=200, latency=10.0, mirrored=0):
@@ -87,3 +93,57 @@ def test_or_and_parentheses():
 def test_bad_grain_is_refused():
     with pytest.raises(SpecError, match="invalid grain"):
         grain_seconds("1m")
+
+
+# ---- against a running platform --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(local_backend):
+    """12 good requests to blue and 3 model failures (424) from broken, and the window they fell in."""
+    endpoint = new_endpoint(local_backend)
+    deploy_all(local_backend, [echo_spec(endpoint, "blue"), echo_spec(endpoint, "broken", env={"ECHO_FAIL": "1"})])
+    local_backend.update_endpoint(endpoint, traffic={"blue": 100})
+    start = time.time()
+    statuses = [local_backend.invoke(endpoint, {"i": i}).status for i in range(12)]
+    statuses += [local_backend.invoke(endpoint, {"i": i}, deployment="broken").status for i in range(3)]
+    assert statuses == [200] * 12 + [424] * 3
+    yield endpoint, start, time.time() + 0.001
+    local_backend.delete_endpoint(endpoint)
+
+
+def test_platform_metrics_answer_azure_queries(local_backend, served):
+    endpoint, start, end = served
+    series = local_backend.query_metrics(endpoint, "RequestsPerMinute", aggregation="Total", grain="PT5S",
+                                         start=start, end=end, split_by=["deployment", "statusCodeClass"])
+    totals = {(s.dimensions["deployment"], s.dimensions["statusCodeClass"]): sum(p.value or 0 for p in s.points)
+              for s in series}
+    assert totals == {("blue", "2xx"): 12, ("broken", "4xx"): 3}
+    [errors] = local_backend.query_metrics(endpoint, "RequestsPerMinute", aggregation="Total", grain="PT1M",
+                                           start=start, end=end,
+                                           filter="deployment eq 'blue' and statusCodeClass ne '2xx'")
+    assert {p.value for p in errors.points} <= {0.0, None} and 0.0 in {p.value for p in errors.points}
+    [p99] = local_backend.query_metrics(endpoint, "RequestLatency_P99", grain="PT1M", start=start, end=end,
+                                        filter="deployment eq 'blue'")
+    samples = local_backend.request_samples(endpoint, deployment="blue", start=start, end=end)
+    assert len(samples) == 12
+    assert max(p.value for p in p99.points if p.value is not None) <= max(s.latency_ms for s in samples)
+
+
+def test_unknown_metric_from_the_platform_is_a_spec_error(local_backend, served):
+    with pytest.raises(SpecError, match="unknown metric 'Latency'"):
+        local_backend.query_metrics(served[0], "Latency")
+
+
+def test_a_window_outside_the_requests_holds_no_samples(local_backend, served):
+    endpoint, start, _ = served
+    assert local_backend.request_samples(endpoint, start=start - 120, end=start) == []
+
+
+def test_gateway_serves_prometheus_metrics(local_backend, served):
+    endpoint = served[0]
+    text = requests.get(f"{local_backend.gateway_url}/metrics", timeout=10).text
+    counts = {(s.labels["deployment"], s.labels["status_class"], s.labels["mirrored"]): s.value
+              for family in text_string_to_metric_families(text) if family.name == "saferollout_requests"
+              for s in family.samples if s.name == "saferollout_requests_total" and s.labels["endpoint"] == endpoint}
+    assert counts == {("blue", "2xx", "false"): 12, ("broken", "4xx", "false"): 3}
+    assert f'saferollout_request_latency_seconds_count{{deployment="blue",endpoint="{endpoint}"}} 12.0' in text
