@@ -297,6 +297,18 @@ def _resolve(base_dir: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def _environment(value: Any, base_dir: Path) -> Any:
+    """An inline environment's conda_file (and build path) resolve against the YAML's folder, as in az ml."""
+    if not isinstance(value, Mapping):
+        return value
+    value = dict(value)
+    if isinstance(value.get("conda_file"), str):
+        value["conda_file"] = _resolve(base_dir, value["conda_file"])
+    if isinstance(value.get("build"), Mapping) and isinstance(value["build"].get("path"), str):
+        value["build"] = dict(value["build"], path=_resolve(base_dir, value["build"]["path"]))
+    return value
+
+
 def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".",
                               what: str = "deployment") -> DeploymentSpec:
     """Validate a deployment mapping; relative paths resolve against `base_dir` (the YAML's folder)."""
@@ -337,7 +349,7 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
         model=model,
         code_path=code_path,
         scoring_script=scoring_script,
-        environment=data.get("environment"),
+        environment=_environment(data.get("environment"), base_dir),
         instance_type=str(data.get("instance_type") or "Standard_DS3_v2"),
         instance_count=_int(data.get("instance_count", 1), "instance_count", 1, 20),
         request_settings=_request_settings(data.get("request_settings")),

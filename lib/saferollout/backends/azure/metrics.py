@@ -1,0 +1,178 @@
+"""Azure Monitor metrics for online endpoints, in the same names and filters as the local backend.
+
+Queries go through `MetricsQueryClient.query_resource` (azure-monitor-query >= 1.4, < 2: the 2.x line
+dropped the metrics client) on the endpoint's ARM resource id, namespace
+`Microsoft.MachineLearningServices/workspaces/onlineEndpoints`. Our filter syntax is Azure's own
+(`deployment eq 'green' and statusCodeClass ne '2xx'`); it is validated with the local parser, then
+rendered for Azure with one `<dimension> eq '*'` clause per split-by dimension, which is how Azure Monitor
+is asked to split a series.
+
+Azure answers one time series per value of every dimension named in the filter, so series that differ
+only in dimensions the caller did not split by are merged back (counts add up, minima and maxima combine;
+an average of averages for latency, which is exact when one deployment is named).
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Sequence
+
+from saferollout.backends.base import METRIC_DIMENSIONS, MetricPoint, MetricSeries
+from saferollout.backends.local.metrics import (ALWAYS, BoolOp, Comparison, grain_seconds, parse_filter,
+                                                scope_of, validate_query)
+from saferollout.errors import SpecError
+
+NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+# Grains Azure Monitor serves for platform metrics; it refuses anything finer than a minute.
+AZURE_GRAINS = {60: "PT1M", 300: "PT5M", 900: "PT15M", 1800: "PT30M", 3600: "PT1H", 21600: "PT6H",
+                43200: "PT12H", 86400: "P1D"}
+
+
+def render(node: Any) -> str:
+    """A parsed filter back to text Azure Monitor understands ('' for no filter)."""
+    if node is ALWAYS or node is None:
+        return ""
+    if isinstance(node, Comparison):
+        value = node.value.replace("'", "''")
+        return f"{node.dimension} {node.op} '{value}'"
+    if isinstance(node, BoolOp):
+        parts = []
+        for side in (node.left, node.right):
+            text = render(side)
+            # `or` binds looser than `and`: keep the caller's grouping explicit
+            if isinstance(side, BoolOp) and side.op != node.op:
+                text = f"({text})"
+            parts.append(text)
+        return f" {node.op} ".join(p for p in parts if p)
+    raise TypeError(f"cannot render filter node {node!r}")
+
+
+def named_dimensions(node: Any) -> set[str]:
+    if isinstance(node, Comparison):
+        return {node.dimension}
+    if isinstance(node, BoolOp):
+        return named_dimensions(node.left) | named_dimensions(node.right)
+    return set()
+
+
+def azure_grain(grain: str) -> timedelta:
+    seconds = grain_seconds(grain)
+    if seconds not in AZURE_GRAINS:
+        raise SpecError(f"Azure Monitor cannot serve grain {grain!r}: use one of {', '.join(AZURE_GRAINS.values())} "
+                        "(the local backend also serves finer grains such as PT5S; Azure's finest is PT1M)")
+    return timedelta(seconds=seconds)
+
+
+def build_filter(metric: str, filter_text: str | None, split_by: Sequence[str]) -> tuple[str | None, Any]:
+    """-> (Azure $filter text or None, the parsed filter). Raises SpecError on a bad filter or dimension."""
+    node = parse_filter(filter_text, METRIC_DIMENSIONS[metric])
+    clauses = [render(node)] if node is not ALWAYS else []
+    if clauses and isinstance(node, BoolOp) and node.op == "or" and split_by:
+        clauses = [f"({clauses[0]})"]
+    clauses += [f"{dim} eq '*'" for dim in split_by]
+    return (" and ".join(clauses) or None), node
+
+
+def scope_filter(node: Any) -> str | None:
+    """The filter keeping only its deployment comparisons: which requests were 'in scope' (see local)."""
+    return render(scope_of(node)) or None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def query(client: Any, resource_id: str, metric: str, aggregation: str, grain: str, start: datetime,
+          end: datetime, filter_text: str | None) -> Any:
+    """One call to Azure Monitor (raises the SDK's errors; the backend translates them)."""
+    return client.query_resource(resource_id, [metric], metric_namespace=NAMESPACE,
+                                 timespan=(_utc(start), _utc(end)), granularity=azure_grain(grain),
+                                 aggregations=[aggregation], filter=filter_text)
+
+
+def _value(point: Any, aggregation: str) -> float | None:
+    value = getattr(point, aggregation.lower(), None)
+    return None if value is None else float(value)
+
+
+def _merge(values: list[float], metric: str, aggregation: str) -> float:
+    if aggregation == "Minimum":
+        return min(values)
+    if aggregation == "Maximum":
+        return max(values)
+    if aggregation in ("Total", "Count") or metric == "RequestsPerMinute":
+        return sum(values)
+    return sum(values) / len(values)
+
+
+def _metadata(element: Any, dimension: str) -> str:
+    values = {str(k).lower(): v for k, v in (getattr(element, "metadata_values", None) or {}).items()}
+    return str(values.get(dimension.lower(), ""))
+
+
+def to_series(result: Any, metric: str, aggregation: str, grain: str,
+              split_by: Sequence[str]) -> list[MetricSeries]:
+    """Azure's MetricsQueryResult -> our MetricSeries, one per split-by combination, timestamps ascending."""
+    grouped: dict[tuple[str, ...], dict[datetime, list[float | None]]] = {}
+    for found in result.metrics:
+        if str(found.name).lower() != metric.lower():
+            continue
+        for element in found.timeseries:
+            key = tuple(_metadata(element, d) for d in split_by)
+            points = grouped.setdefault(key, {})
+            for point in element.data:
+                points.setdefault(_utc(point.timestamp), []).append(_value(point, aggregation))
+    series = []
+    for key, points in sorted(grouped.items()):
+        merged = []
+        for stamp in sorted(points):
+            values = [v for v in points[stamp] if v is not None]
+            merged.append(MetricPoint(stamp, _merge(values, metric, aggregation) if values else None))
+        series.append(MetricSeries(metric=metric, aggregation=aggregation, grain=grain,
+                                   dimensions=dict(zip(split_by, key)), points=merged))
+    return series
+
+
+def timeline(start: datetime, end: datetime, grain: str) -> list[datetime]:
+    """The buckets of the window, aligned to the grain as Azure Monitor (and the local backend) align them."""
+    grain_s = grain_seconds(grain)
+    first = math.floor(_utc(start).timestamp() / grain_s) * grain_s
+    count = max(1, math.ceil((_utc(end).timestamp() - first) / grain_s))
+    return [datetime.fromtimestamp(first + i * grain_s, tz=timezone.utc) for i in range(count)]
+
+
+def align(series: list[MetricSeries], stamps: list[datetime], scope: list[MetricSeries] | None,
+          split: bool) -> list[MetricSeries]:
+    """One point per bucket. With a scope (request counts): no request in scope is no data (None), never
+    zero errors, whatever Azure reported; a bucket with requests in scope but none matching counts 0."""
+    if not split and not series:
+        series = [MetricSeries(metric="", aggregation="", grain="", dimensions={}, points=[])]
+    in_scope = None if scope is None else {p.timestamp for s in scope for p in s.points if p.value}
+    for one in series:
+        values = {p.timestamp: p.value for p in one.points}
+        if in_scope is None:
+            one.points = [MetricPoint(t, values.get(t)) for t in stamps]
+        else:
+            one.points = [MetricPoint(t, (values.get(t) or 0.0) if t in in_scope else None) for t in stamps]
+    return series
+
+
+def query_series(client: Any, resource_id: str, metric: str, *, aggregation: str, grain: str,
+                 start: datetime, end: datetime, filter_text: str | None,
+                 split_by: Iterable[str]) -> tuple[list[MetricSeries], list[str]]:
+    """-> (series, the Azure filters that were run, for the record). SDK errors propagate."""
+    split = validate_query(metric, aggregation, split_by)
+    azure_filter, node = build_filter(metric, filter_text, split)
+    result = query(client, resource_id, metric, aggregation, grain, start, end, azure_filter)
+    series = to_series(result, metric, aggregation, grain, split)
+    ran = [azure_filter or ""]
+    scope = None
+    if metric == "RequestsPerMinute":
+        scope_text = scope_filter(node)
+        scope = to_series(query(client, resource_id, metric, "Total", grain, start, end, scope_text),
+                          metric, "Total", grain, ())
+        ran.append(scope_text or "")
+    series = align(series, timeline(start, end, grain), scope, bool(split))
+    for one in series:
+        one.metric, one.aggregation, one.grain = metric, aggregation, grain
+    return series, ran

@@ -1,0 +1,204 @@
+"""The fake managed endpoint's data plane: runs a deployment's scoring script in-process, as a container would.
+
+`ScoringRuntime` imports the deployment's `score.py` from its code snapshot, calls `init()` with
+`AZUREML_MODEL_DIR` and the deployment's environment variables set, then `run(raw_data)` per request.
+`FakeScoringSession` is the HTTP session the backend posts to: it answers like Azure's gateway (401, 404,
+400, 424 with the model's status, the `azureml-model-deployment` answer header, mirror traffic) and records
+every request for the fake Azure Monitor.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import threading
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from fakes.azure_state import FakeWorkspaceState
+
+DEPLOYMENT_HEADER = "azureml-model-deployment"
+_ENV_LOCK = threading.RLock()  # os.environ is process-wide: one scoring call at a time patches it
+
+
+@contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, old in saved.items():
+                if old is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = old
+
+
+class ScoringRuntime:
+    """Loaded scoring scripts of this process, one per (endpoint, deployment, generation)."""
+
+    def __init__(self, state: FakeWorkspaceState):
+        self.state = state
+        self._modules: dict[tuple[str, str, int], ModuleType] = {}
+
+    @staticmethod
+    def environment(record: dict[str, Any]) -> dict[str, str]:
+        env = dict(record.get("environment_variables") or {})
+        if record.get("model_dir"):
+            env["AZUREML_MODEL_DIR"] = record["model_dir"]
+        return env
+
+    def load(self, endpoint: str, record: dict[str, Any]) -> ModuleType:
+        """Import and init() the script (raises what init() raises: the deployment then fails)."""
+        key = (endpoint, record["name"], int(record["generation"]))
+        module = self._modules.get(key)
+        if module is not None:
+            return module
+        script = Path(record["code_dir"]) / record["scoring_script"]
+        spec = importlib.util.spec_from_file_location(
+            f"fake_azure_score_{endpoint}_{record['name']}_{record['generation']}".replace("-", "_"), script)
+        module = importlib.util.module_from_spec(spec)
+        with patched_environ(self.environment(record)):
+            spec.loader.exec_module(module)
+            module.init()
+        self._modules[key] = module
+        return module
+
+    def provision(self, endpoint: str, record: dict[str, Any]) -> str | None:
+        """Start the 'container': None when init() succeeded, else the failure reason (also logged)."""
+        self.state.append_log(endpoint, record["name"],
+                              f"Starting inference server for deployment {record['name']} "
+                              f"(generation {record['generation']}, {record['instance_count']} instance(s))")
+        try:
+            self.load(endpoint, record)
+        except BaseException as exc:  # noqa: BLE001 - whatever init() raises fails the deployment
+            self.state.append_log(endpoint, record["name"], "init() failed:\n" + traceback.format_exc())
+            return f"{type(exc).__name__}: {exc}"
+        self.state.append_log(endpoint, record["name"], "Scoring script init() completed; ready for requests")
+        return None
+
+    def run(self, endpoint: str, record: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+        """-> (model server status, body). A raising run() is a 500 from the model server."""
+        try:
+            module = self.load(endpoint, record)
+            with patched_environ(self.environment(record)):
+                answer = module.run(body.decode("utf-8"))
+        except BaseException as exc:  # noqa: BLE001 - the model server turns any error into a 500
+            self.state.append_log(endpoint, record["name"], "run() failed:\n" + traceback.format_exc(limit=3))
+            return 500, json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode()
+        return 200, (answer if isinstance(answer, bytes) else json.dumps(answer).encode())
+
+
+def _response(status: int, body: bytes, headers: dict[str, str], url: str) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response._content = body
+    response.headers = CaseInsensitiveDict({"Content-Type": "application/json", **headers})
+    response.url = url
+    response.encoding = "utf-8"
+    return response
+
+
+class FakeScoringSession:
+    """Stands in for `requests.Session` when the backend posts to a fake endpoint's scoring URI."""
+
+    def __init__(self, state: FakeWorkspaceState, runtime: ScoringRuntime, rng: random.Random | None = None):
+        self.state = state
+        self.runtime = runtime
+        self.rng = rng or random.Random()
+
+    def close(self) -> None:
+        pass
+
+    def post(self, url: str, data: bytes | str | None = None, json_body: Any = None, headers: dict | None = None,
+             timeout: float | None = None, **kwargs: Any) -> requests.Response:
+        headers = CaseInsensitiveDict(headers or {})
+        body = data if isinstance(data, bytes) else (data or "").encode()
+        host = urlparse(url).hostname or ""
+        endpoint = host.split(".", 1)[0]
+        snapshot = self.state.read()
+        record = snapshot["endpoints"].get(endpoint)
+        if record is None or not host.endswith(".inference.ml.azure.com"):
+            raise requests.ConnectionError(f"Failed to resolve '{host}' (fake Azure: no such endpoint)")
+        request_id = str(uuid.uuid4())
+        ids = {"x-request-id": request_id, "x-ms-request-id": request_id}
+        refusal = self._authorize(snapshot, record, headers.get("Authorization", ""))
+        if refusal:
+            return _response(401, json.dumps({"message": refusal}).encode(), ids, url)
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            return _response(400, json.dumps({"message": f"malformed JSON in request body: {exc}"}).encode(),
+                             ids, url)
+        deployments = snapshot["deployments"].get(endpoint, {})
+        pinned = headers.get(DEPLOYMENT_HEADER)
+        if pinned:
+            if pinned not in deployments:
+                return _response(404, json.dumps({"message": f"deployment {pinned!r} not found on endpoint "
+                                                             f"{endpoint!r}"}).encode(), ids, url)
+            chosen = pinned
+        else:
+            chosen = self._choose(record["traffic"])
+            if chosen is None:
+                return _response(404, json.dumps({"message": "No valid deployments to route to. Please check "
+                                                             "that the endpoint has at least one deployment "
+                                                             "with positive weight values or use a deployment "
+                                                             "specific header to route."}).encode(), ids, url)
+        answer = self._serve(endpoint, deployments[chosen], body, request_id, mirrored=False, url=url)
+        if not pinned:
+            for mirror, percent in record["mirror_traffic"].items():
+                if mirror in deployments and self.rng.random() * 100 < percent:
+                    self._serve(endpoint, deployments[mirror], body, request_id, mirrored=True, url=url)
+        return answer
+
+    def _authorize(self, snapshot: dict[str, Any], record: dict[str, Any], header: str) -> str | None:
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            return "missing credentials: send 'Authorization: Bearer <key or token>'"
+        credential = credential.strip()
+        if record["auth_mode"] == "key":
+            return None if credential in (record["primary_key"], record["secondary_key"]) else "invalid key"
+        token = snapshot["tokens"].get(credential)
+        if token is None or token["endpoint"] != record["name"]:
+            return "invalid token"
+        return None if token["expiry"] > time.time() else "token expired"
+
+    def _choose(self, traffic: dict[str, int]) -> str | None:
+        live = [(name, percent) for name, percent in sorted(traffic.items()) if percent > 0]
+        if not live:
+            return None
+        pick = self.rng.random() * sum(p for _, p in live)
+        for name, percent in live:
+            pick -= percent
+            if pick < 0:
+                return name
+        return live[-1][0]
+
+    def _serve(self, endpoint: str, deployment: dict[str, Any], body: bytes, request_id: str, mirrored: bool,
+               url: str) -> requests.Response:
+        started, arrival = time.perf_counter(), time.time()
+        headers = {DEPLOYMENT_HEADER: deployment["name"], "x-request-id": request_id, "x-ms-request-id": request_id}
+        if not deployment.get("serving"):  # its first version never started: nothing can answer
+            status, payload, model_status = 424, json.dumps(
+                {"message": f"deployment {deployment['name']!r} failed and cannot serve requests"}).encode(), None
+        else:
+            model_status, payload = self.runtime.run(endpoint, deployment, body)
+            status = 200 if model_status == 200 else 424
+            if status != 200:
+                headers["ms-azureml-model-error-statuscode"] = str(model_status)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self.state.record_request((arrival, endpoint, deployment["name"], status, latency_ms, int(mirrored),
+                                   request_id, model_status))
+        return _response(status, payload, headers, url)

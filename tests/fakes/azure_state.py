@@ -1,0 +1,165 @@
+"""The fake Azure ML workspace's state: JSON in a directory, shared by every process that points at it.
+
+Notebook kernels started by the runbook are separate processes, so the fake keeps its state on disk
+(`state.json`, guarded by an advisory file lock) and its per-request log in `requests.jsonl`; the
+registered model files and deployment code snapshots live beside them, as Azure keeps them in the
+workspace's storage.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+RESOURCE_GROUP = "rg-saferollout-fake"
+WORKSPACE = "ws-saferollout-fake"
+REGION = "westeurope"
+MAX_MIRROR = 50
+
+
+def bad_request(message: str, code: str = "BadArgument") -> HttpResponseError:
+    """A 400 as Azure ML sends it: `(Code) message`."""
+    error = HttpResponseError(message=f"({code}) {message}")
+    error.status_code = 400
+    return error
+
+
+def not_found(message: str) -> ResourceNotFoundError:
+    error = ResourceNotFoundError(message=f"(ResourceNotFound) {message}")
+    error.status_code = 404
+    return error
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class FakeWorkspaceState:
+    """Read-modify-write transactions over state.json; every process sees the others' changes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / "state.json"
+        self.lock_path = self.root / "state.lock"
+        self.requests_path = self.root / "requests.jsonl"
+        if not self.path.exists():
+            with self.transaction() as state:
+                state.update({"models": {}, "endpoints": {}, "deployments": {}, "tokens": {}})
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """Exclusive access; the state is written back only if the block does not raise (state unchanged)."""
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = json.loads(self.path.read_text()) if self.path.exists() else {}
+                yield state
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+                tmp.replace(self.path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> dict[str, Any]:
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                return json.loads(self.path.read_text())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ---- ids and uris (what Azure would call them) --------------------------------------------
+    @staticmethod
+    def workspace_id() -> str:
+        return (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+                f"Microsoft.MachineLearningServices/workspaces/{WORKSPACE}")
+
+    def endpoint_id(self, name: str) -> str:
+        return f"{self.workspace_id()}/onlineEndpoints/{name}"
+
+    @staticmethod
+    def scoring_uri(name: str) -> str:
+        return f"https://{name}.{REGION}.inference.ml.azure.com/score"
+
+    def model_id(self, name: str, version: int) -> str:
+        return f"{self.workspace_id()}/models/{name}/versions/{version}"
+
+    # ---- storage -------------------------------------------------------------------------------
+    def store_model_files(self, name: str, version: int, source: Path) -> Path:
+        """Copy a model into the workspace; a folder `model/` appears as $AZUREML_MODEL_DIR/model/."""
+        target = self.root / "models" / name / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        if source.is_dir():
+            shutil.copytree(source, target / source.name)
+        else:
+            shutil.copy2(source, target / source.name)
+        return target
+
+    def snapshot_code(self, endpoint: str, deployment: str, generation: int, code: Path) -> Path:
+        target = self.root / "code" / endpoint / deployment / str(generation)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(code, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints"))
+        return target
+
+    def log_path(self, endpoint: str, deployment: str) -> Path:
+        path = self.root / "logs" / endpoint / f"{deployment}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def append_log(self, endpoint: str, deployment: str, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(self.log_path(endpoint, deployment), "a") as log:
+            for line in text.rstrip("\n").splitlines():
+                log.write(f"{stamp} {line}\n")
+
+    # ---- the request log that the fake Azure Monitor aggregates ------------------------------------
+    def record_request(self, row: tuple) -> None:
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(self.requests_path, "a") as log:
+                    log.write(json.dumps(list(row)) + "\n")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def request_rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
+        if not self.requests_path.exists():
+            return []
+        rows = []
+        for line in self.requests_path.read_text().splitlines():
+            row = tuple(json.loads(line))
+            if row[1] == endpoint and start <= row[0] < end:
+                rows.append(row)
+        return rows
+
+
+def check_traffic_rules(traffic: dict[str, int], mirror: dict[str, int], deployments: set[str]) -> None:
+    """Azure's rules, with Azure-style messages: the fake refuses what the service refuses."""
+    for name in traffic:
+        if name not in deployments:
+            raise bad_request(f"Traffic rule refers to deployment '{name}', which does not exist on this endpoint.")
+    total = sum(traffic.values())
+    if traffic and total not in (0, 100):
+        raise bad_request(f"Traffic values must sum to 0 or 100, got {total}.")
+    if len(mirror) > 1:
+        raise bad_request("Mirror traffic can only be set to a single deployment.")
+    for name, percent in mirror.items():
+        if name not in deployments:
+            raise bad_request(f"Mirror traffic refers to deployment '{name}', which does not exist on this endpoint.")
+        if percent > MAX_MIRROR:
+            raise bad_request(f"Mirror traffic for '{name}' is {percent}%: at most {MAX_MIRROR}% is allowed.")
+        if traffic.get(name, 0) > 0:
+            raise bad_request(f"Deployment '{name}' cannot receive both live and mirror traffic.")
