@@ -1,0 +1,194 @@
+"""matplotlib figures for the notebooks and the run report.
+
+Two kinds: model quality (ROC, calibration) from held-out predictions, and what the endpoint did during a
+rollout (latency percentiles, error counts and the traffic split per deployment over time, gate decisions
+over time). Endpoint data come from the backend's metrics (Azure Monitor names, so the same figures work on
+both backends); every function returns a Figure and draws nothing it was not given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+PERCENTILES = ("P50", "P90", "P99")
+DECISION_COLOURS = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#9a6700"}
+
+
+# ---- model quality -------------------------------------------------------------------------------------
+def roc_figure(y_true: Iterable[int], probabilities: Iterable[float], label: str = "model") -> Figure:
+    """ROC curve on held-out rows, with its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, p = np.asarray(list(y_true)), np.asarray(list(probabilities))
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (held-out)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_figure(y_true: Iterable[int], probabilities: Iterable[float], n_bins: int = 10) -> Figure:
+    """Reliability diagram: observed frequency of the positive class against predicted probability."""
+    from sklearn.calibration import calibration_curve
+
+    y, p = np.asarray(list(y_true)), np.asarray(list(probabilities))
+    observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(predicted, observed, marker="o", label="model")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    ax.set(xlabel="predicted P(good credit)", ylabel="observed share good", title="Calibration (held-out)",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+# ---- what the endpoint did ------------------------------------------------------------------------------
+@dataclass
+class Observation:
+    """Per-deployment time series over a window: requests, errors (non-2xx) and latency percentiles (ms)."""
+
+    endpoint: str
+    grain: str
+    requests: pd.DataFrame  # index: interval start (UTC), columns: deployments
+    errors: pd.DataFrame
+    latency: dict[str, pd.DataFrame] = field(default_factory=dict)  # "P50" -> frame
+
+    @property
+    def deployments(self) -> list[str]:
+        return sorted(set(self.requests.columns) | set(self.errors.columns))
+
+
+def series_frame(series: Iterable[Any], dimension: str = "deployment") -> pd.DataFrame:
+    """MetricSeries (split by `dimension`) -> a frame indexed by time with one column per dimension value.
+
+    Intervals without data stay NaN: no data is not zero.
+    """
+    columns = {}
+    for s in series:
+        name = s.dimensions.get(dimension, "all")
+        columns[name] = pd.Series({p.timestamp: (np.nan if p.value is None else p.value) for p in s.points},
+                                  dtype=float)
+    frame = pd.DataFrame(columns)
+    frame.index.name = "time"
+    return frame.sort_index()
+
+
+def observe(backend: Any, endpoint: str, start: float, end: float | None = None, grain: str = "PT5S") -> Observation:
+    """Query the endpoint's metrics for the plots (works on any backend that speaks Azure metric names)."""
+    begin = datetime.fromtimestamp(start, tz=timezone.utc)
+    finish = datetime.fromtimestamp(end, tz=timezone.utc) if end else datetime.now(timezone.utc)
+
+    def query(metric: str, aggregation: str, filter: str | None = None) -> pd.DataFrame:
+        return series_frame(backend.query_metrics(endpoint, metric, aggregation=aggregation, grain=grain,
+                                                  start=begin, end=finish, filter=filter, split_by=["deployment"]))
+
+    requests = query("RequestsPerMinute", "Total")
+    errors = query("RequestsPerMinute", "Total", "statusCodeClass ne '2xx'")
+    latency = {p: query(f"RequestLatency_{p}", "Average") for p in PERCENTILES}
+    return Observation(endpoint, grain, requests, errors, latency)
+
+
+def _colours(names: Iterable[str]) -> dict[str, Any]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(sorted(names))}
+
+
+def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = None,
+                      error_threshold: float | None = None, marks: Mapping[str, float] | None = None,
+                      title: str = "") -> Figure:
+    """Three panels sharing time: latency percentiles, error counts (per interval) and the traffic split.
+
+    Thresholds are drawn as dashed lines; `marks` (label -> unix time) as vertical lines, e.g. when the
+    gate window began.
+    """
+    colours = _colours(obs.deployments)
+    fig, (lat_ax, err_ax, split_ax) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    styles = {"P50": ":", "P90": "-", "P99": "--"}
+    for pct, frame in obs.latency.items():
+        for dep in frame.columns:
+            lat_ax.plot(frame.index, frame[dep], linestyle=styles.get(pct, "-"), color=colours.get(dep),
+                        marker=".", label=f"{dep} {pct.lower()}")
+    if latency_threshold_ms is not None:
+        lat_ax.axhline(latency_threshold_ms, color="#cf222e", linestyle="--", linewidth=1,
+                       label=f"threshold {latency_threshold_ms:g} ms")
+    lat_ax.set(ylabel="latency (ms)", title=title or f"{obs.endpoint}: latency, errors and traffic split")
+    lat_ax.legend(fontsize=7, ncol=3, loc="upper left")
+
+    for dep in obs.errors.columns:
+        err_ax.plot(obs.errors.index, obs.errors[dep], drawstyle="steps-post", color=colours.get(dep),
+                    marker=".", label=f"{dep} errors")
+    if error_threshold is not None:
+        err_ax.axhline(error_threshold, color="#cf222e", linestyle="--", linewidth=1,
+                       label=f"threshold {error_threshold:g}")
+    err_ax.set(ylabel=f"non-2xx per {obs.grain}")
+    if obs.errors.columns.size or error_threshold is not None:
+        err_ax.legend(fontsize=7, loc="upper left")
+
+    shares = traffic_shares(obs.requests)
+    if not shares.empty:
+        split_ax.stackplot(shares.index, *[shares[c] for c in shares.columns], labels=list(shares.columns),
+                           colors=[colours.get(c) for c in shares.columns], alpha=0.8)
+        split_ax.legend(fontsize=7, loc="upper left")
+    split_ax.set(ylabel="% of requests served", ylim=(0, 100), xlabel="time (UTC)")
+    for label, ts in (marks or {}).items():
+        moment = datetime.fromtimestamp(ts, tz=timezone.utc)
+        for ax in (lat_ax, err_ax, split_ax):
+            ax.axvline(moment, color="grey", linestyle=":", linewidth=1)
+        lat_ax.annotate(label, (moment, 1), xycoords=("data", "axes fraction"), fontsize=7, va="top")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def traffic_shares(requests: pd.DataFrame) -> pd.DataFrame:
+    """Requests per deployment per interval -> percent of the interval's requests (intervals with none dropped)."""
+    counts = requests.fillna(0.0)
+    totals = counts.sum(axis=1)
+    return counts[totals > 0].div(totals[totals > 0], axis=0) * 100.0
+
+
+def gate_timeline(history: Iterable[Mapping[str, Any]], title: str = "gate decisions over time") -> Figure:
+    """One row per gate: each look's decision (pass, inconclusive, fail) at the time it was made."""
+    looks = list(history)
+    gates = list(dict.fromkeys(str(v["gate"]) for v in looks))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * max(len(gates), 1) + 1.2))
+    if looks:
+        t0 = min(float(v["window_start"]) for v in looks)
+        for decision, colour in DECISION_COLOURS.items():
+            points = [(float(v["checked_at"]) - t0, gates.index(str(v["gate"]))) for v in looks
+                      if v["decision"] == decision]
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, color=colour, label=decision, s=25)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_yticks(range(len(gates)), gates)
+    ax.set(xlabel="seconds since the window began", title=title)
+    ax.set_ylim(-0.5, max(len(gates), 1) - 0.5)
+    fig.tight_layout()
+    return fig
+
+
+def verdict_table(verdicts: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Final verdicts as a table: gate, kind, decision, reason and the headline evidence."""
+    rows = []
+    for v in verdicts:
+        evidence = v.get("evidence") or {}
+        headline = {k: val for k, val in evidence.items() if isinstance(val, (int, float, str)) and k != "query"}
+        rows.append({"gate": v.get("gate"), "kind": v.get("kind"), "decision": v.get("decision"),
+                     "reason": v.get("reason"),
+                     "evidence": ", ".join(f"{k}={_fmt(val)}" for k, val in list(headline.items())[:8])})
+    return pd.DataFrame(rows, columns=["gate", "kind", "decision", "reason", "evidence"])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,494 @@
+"""Runbooks: YAML -> a validated plan of notebook steps; values recorded by notebooks; the `run` command.
+
+A runbook is YAML::
+
+    name: safe-rollout
+    parameters:                      # declared with a default and a type or choices; `-p key=value` overrides
+      backend: {default: local, choices: [local, azure]}
+      gate_window_s: {default: 20, type: float, min: 1}
+      gate_preset: {default: quick, presets: {quick: {}, seed: {gate_window_s: 360, rps: 15}}}
+    traffic: {endpoint: "${parameters.endpoint_name}", rps: "${parameters.rps}", backend: "${parameters.backend}"}
+    steps:
+      - id: train
+        notebook: ../notebooks/train.ipynb          # relative to the runbook file
+        parameters: {model_family: "${parameters.model_family}"}
+      - foreach: "${parameters.traffic_steps}"       # expanded when parameters are known: shift-10, validate-10...
+        where: "${item} < 100"                       # filters items when the plan is made
+        when: "not ${steps.deploy.first_release}"    # decided when the step's turn comes
+        steps:
+          - {id: shift, notebook: ../notebooks/shift_traffic.ipynb, parameters: {percent: "${item}"}, live_traffic: true}
+    on_failure:
+      - {id: rollback, notebook: ../notebooks/rollback.ipynb, parameters: {reason: "${failure.message}"}}
+
+References: `${parameters.x}`, `${steps.<id>.<name>}` (a value the step recorded), `${run.id}`, `${run.dir}`,
+`${failure.step}`, `${failure.message}` and, inside a `foreach`, `${item}`. A string that is exactly one
+reference takes the referenced value with its type; otherwise references are interpolated as text.
+`when` is a small expression (and, or, not, comparisons, literals) over references, evaluated when the
+step's turn comes (a false `when` skips the step); a group's `where` filters its items when the plan is made.
+
+Everything that can be checked before a run is checked by `load_runbook` + `resolve_parameters` + `plan`:
+unknown or ill-typed parameters, unknown references, missing notebooks and parameters a notebook does not
+declare. Nothing is deployed before that.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from saferollout.errors import SpecError
+from saferollout.specs import read_yaml, validate_name
+
+RECORD_MIMETYPE = "application/vnd.saferollout.record+json"
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path")
+RUNBOOK_KEYS = {"name", "description", "parameters", "traffic", "steps", "on_failure"}
+STEP_KEYS = {"id", "notebook", "parameters", "when", "live_traffic", "description"}
+GROUP_KEYS = {"foreach", "where", "when", "steps", "description"}
+PARAMETER_KEYS = {"default", "type", "choices", "min", "max", "help", "presets"}
+TRAFFIC_KEYS = {"endpoint", "rps", "backend"}
+ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+# ---- recording values from notebooks -------------------------------------------------------------
+def record(name: str, value: Any) -> Any:
+    """Record `value` under `name` for later steps: a JSON display output the runner reads back.
+
+    Call it from a notebook cell; the value must be JSON-serialisable. Returns `value`.
+    """
+    from IPython.display import display
+
+    payload = {"name": str(name), "value": json.loads(json.dumps(value, default=str))}
+    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {payload['value']!r}"}, raw=True)
+    return value
+
+
+def read_records(notebook: Any) -> dict[str, Any]:
+    """The values an executed notebook recorded (a path or an nbformat node); the last record of a name wins."""
+    if not isinstance(notebook, Mapping):
+        import nbformat
+
+        notebook = nbformat.read(str(notebook), as_version=4)
+    values: dict[str, Any] = {}
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []) or []:
+            payload = (output.get("data") or {}).get(RECORD_MIMETYPE)
+            if isinstance(payload, str):  # some writers store JSON mimetypes as text
+                payload = json.loads(payload)
+            if isinstance(payload, Mapping) and "name" in payload:
+                values[payload["name"]] = payload.get("value")
+    return values
+
+
+# ---- parameters ------------------------------------------------------------------------------------
+@dataclass
+class Parameter:
+    name: str
+    default: Any
+    type: str = "str"
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def coerce(self, raw: Any) -> Any:
+        """The typed value of `raw` (a YAML value or a `-p` string); SpecError naming the parameter if not."""
+        try:
+            value = _COERCERS[self.type](raw)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"parameter {self.name}={raw!r} is not a valid {self.type}: {exc}") from None
+        if self.choices and str(value) not in self.choices:
+            raise SpecError(f"parameter {self.name}={raw!r} must be one of {', '.join(self.choices)}")
+        for bound, ok, word in ((self.minimum, lambda v, b: v >= b, "at least"),
+                                (self.maximum, lambda v, b: v <= b, "at most")):
+            if bound is not None and not ok(value, bound):
+                raise SpecError(f"parameter {self.name}={raw!r} must be {word} {bound:g}")
+        return value
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("use true or false")
+
+
+def _number(kind: type) -> Callable[[Any], Any]:
+    def convert(raw: Any) -> Any:
+        if isinstance(raw, bool):
+            raise ValueError("a boolean is not a number")
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError("not a whole number")
+        return kind(str(raw).strip()) if isinstance(raw, str) else kind(raw)
+    return convert
+
+
+def _name(raw: Any) -> str:
+    try:
+        return validate_name(str(raw))
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def percent_list(raw: Any) -> list[int]:
+    """'10,50,100' -> [10, 50, 100]: increasing percents in 1..100 ending at 100."""
+    items = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).replace(" ", "").split(",") if p]
+    try:
+        steps = [int(p) for p in items]
+    except ValueError:
+        raise ValueError("use comma-separated whole percents such as 10,50,100") from None
+    if not steps or steps[-1] != 100:
+        raise ValueError("the last step must be 100")
+    if any(not 1 <= s <= 100 for s in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+        raise ValueError("percents must increase strictly within 1..100")
+    return steps
+
+
+_COERCERS: dict[str, Callable[[Any], Any]] = {
+    "str": lambda raw: "" if raw is None else str(raw), "int": _number(int), "float": _number(float),
+    "bool": _bool, "name": _name, "percent_list": percent_list, "path": lambda raw: str(raw),
+}
+
+
+def _parameter(name: str, decl: Any) -> Parameter:
+    if not isinstance(decl, Mapping):
+        decl = {"default": decl}  # shorthand: `rps: 10` (type taken from the default)
+    unknown = set(decl) - PARAMETER_KEYS
+    if unknown:
+        raise SpecError(f"parameter {name}: unknown key(s) {', '.join(sorted(unknown))}")
+    default = decl.get("default")
+    presets = dict(decl.get("presets") or {})
+    choices = tuple(str(c) for c in (decl.get("choices") or presets))
+    kind = decl.get("type") or {bool: "bool", int: "int", float: "float"}.get(type(default), "str")
+    if kind not in PARAMETER_TYPES:
+        raise SpecError(f"parameter {name}: type {kind!r} is not one of {', '.join(PARAMETER_TYPES)}")
+    param = Parameter(name, default, kind, choices, decl.get("min"), decl.get("max"), str(decl.get("help") or ""),
+                      presets)
+    param.default = param.coerce(default)  # a bad default is the runbook's fault: say so now
+    return param
+
+
+# ---- steps and the runbook --------------------------------------------------------------------------
+@dataclass
+class Step:
+    id: str
+    notebook: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+    when: str | None = None
+    live_traffic: bool = False
+    description: str = ""
+
+
+@dataclass
+class Runbook:
+    name: str
+    path: Path
+    parameters: dict[str, Parameter]
+    steps: list[Any]  # Step or a foreach group dict {"foreach", "when", "steps": [Step]}
+    on_failure: list[Step]
+    traffic: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def _step(data: Any, base: Path, where: str) -> Step:
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{where} must be a mapping with id and notebook")
+    unknown = set(data) - STEP_KEYS
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    step_id = str(data.get("id") or "")
+    if not ID_RE.match(step_id):
+        raise SpecError(f"{where}: id {step_id!r} must be lower-case letters, digits and _")
+    if not data.get("notebook"):
+        raise SpecError(f"{where} ({step_id}) needs a notebook")
+    notebook = (base / str(data["notebook"])).resolve()
+    if not notebook.is_file():
+        raise SpecError(f"step {step_id}: notebook not found: {notebook}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise SpecError(f"step {step_id}: parameters must be a mapping")
+    when = data.get("when")
+    return Step(step_id, notebook, dict(params), None if when is None else str(when),
+                bool(data.get("live_traffic", False)), str(data.get("description") or ""))
+
+
+def load_runbook(path: str | Path) -> Runbook:
+    """Read and check a runbook file (structure, notebooks, parameter declarations, references)."""
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = set(data) - RUNBOOK_KEYS
+    if unknown:
+        raise SpecError(f"runbook {path}: unknown key(s) {', '.join(sorted(unknown))}")
+    name = str(data.get("name") or path.stem)
+    params = {str(k): _parameter(str(k), v) for k, v in (data.get("parameters") or {}).items()}
+    base = path.parent
+    steps: list[Any] = []
+    for i, item in enumerate(data.get("steps") or []):
+        if isinstance(item, Mapping) and "foreach" in item:
+            extra = set(item) - GROUP_KEYS
+            if extra:
+                raise SpecError(f"runbook {path}: steps[{i}] (foreach): unknown key(s) {', '.join(sorted(extra))}")
+            children = [_step(c, base, f"steps[{i}].steps[{j}]") for j, c in enumerate(item.get("steps") or [])]
+            steps.append({"foreach": str(item["foreach"]), "where": item.get("where"), "when": item.get("when"),
+                          "steps": children})
+        else:
+            steps.append(_step(item, base, f"steps[{i}]"))
+    if not steps:
+        raise SpecError(f"runbook {path} has no steps")
+    on_failure = [_step(s, base, f"on_failure[{i}]") for i, s in enumerate(data.get("on_failure") or [])]
+    traffic = dict(data.get("traffic") or {})
+    if set(traffic) - TRAFFIC_KEYS:
+        raise SpecError(f"runbook {path}: traffic: unknown key(s) {', '.join(sorted(set(traffic) - TRAFFIC_KEYS))}")
+    book = Runbook(name, path, params, steps, on_failure, traffic, str(data.get("description") or ""))
+    _check_references(book)
+    return book
+
+
+def _check_references(book: Runbook) -> None:
+    """Every reference names a declared parameter or an earlier step; every notebook parameter exists."""
+    from papermill.inspection import inspect_notebook
+
+    seen: list[str] = []
+    declared_cache: dict[Path, set[str]] = {}
+
+    def check(step: Step, known_steps: list[str], extra_roots: set[str]) -> None:
+        texts = [str(v) for v in step.parameters.values()] + ([step.when] if step.when else [])
+        for text in texts:
+            for ref in REFERENCE.findall(text):
+                root, _, rest = ref.partition(".")
+                if root == "parameters" and rest not in book.parameters:
+                    raise SpecError(f"step {step.id}: ${{{ref}}} names unknown parameter {rest!r}")
+                if root == "steps" and not _known_step(rest.split(".")[0], known_steps):
+                    raise SpecError(f"step {step.id}: ${{{ref}}} names no earlier step")
+                if root not in {"parameters", "steps", "run"} | extra_roots:
+                    raise SpecError(f"step {step.id}: unknown reference ${{{ref}}}")
+        if step.notebook not in declared_cache:
+            declared_cache[step.notebook] = set(inspect_notebook(str(step.notebook)))
+        unknown = set(step.parameters) - declared_cache[step.notebook]
+        if unknown:
+            raise SpecError(f"step {step.id}: notebook {step.notebook.name} has no parameter(s) "
+                            f"{', '.join(sorted(unknown))}")
+
+    for item in book.steps:
+        if isinstance(item, Step):
+            check(item, seen, set())
+            seen.append(item.id)
+            continue
+        # inside a foreach, `${item}` stands for each value: check the children with a placeholder value
+        expanded: list[str] = []
+        for child in item["steps"]:
+            placeholder = Step(child.id, child.notebook, _substitute_item(child.parameters, "ITEM"),
+                               _substitute_item(child.when, "ITEM") if child.when else None)
+            check(placeholder, seen + expanded, set())
+            expanded.append(f"{child.id}-ITEM")
+        seen.extend(f"{c.id}-ITEM" for c in item["steps"])
+    for step in book.on_failure:
+        check(step, seen, {"failure"})
+        seen.append(step.id)
+    for key, value in book.traffic.items():
+        for ref in REFERENCE.findall(str(value)):
+            if not ref.startswith("parameters.") or ref.split(".", 1)[1] not in book.parameters:
+                raise SpecError(f"traffic.{key}: ${{{ref}}} must name a declared parameter")
+
+
+def _known_step(step_id: str, known: list[str]) -> bool:
+    """A step id defined earlier; `shift-10` matches `shift-ITEM`, an expanded foreach child."""
+    return step_id in known or re.sub(r"-[^-]+$", "-ITEM", step_id) in known
+
+
+def resolve_parameters(book: Runbook, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults, then the chosen presets, then `-p` overrides; unknown or ill-typed values are refused."""
+    unknown = sorted(set(overrides) - set(book.parameters))
+    if unknown:
+        raise SpecError(f"unknown parameter(s) {', '.join(unknown)} for runbook {book.name}; "
+                        f"known: {', '.join(book.parameters)}")
+    values = {name: p.default for name, p in book.parameters.items()}
+    for name, raw in overrides.items():
+        values[name] = book.parameters[name].coerce(raw)
+    for name, param in book.parameters.items():  # presets fill what -p did not set explicitly
+        for key, raw in param.presets.get(str(values[name]), {}).items():
+            if key not in book.parameters:
+                raise SpecError(f"preset {name}={values[name]} sets unknown parameter {key!r}")
+            if key not in overrides:
+                values[key] = book.parameters[key].coerce(raw)
+    return values
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """['a=1', 'b=x=y'] -> {'a': '1', 'b': 'x=y'}; a pair without '=' is refused."""
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"-p {pair!r}: use -p key=value")
+        result[key.strip()] = value
+    return result
+
+
+# ---- references and conditions ------------------------------------------------------------------------
+def lookup(ref: str, context: Mapping[str, Any]) -> Any:
+    """The value `ref` (e.g. 'steps.register.model_ref') names in `context`; SpecError if there is none."""
+    root, _, rest = ref.strip().partition(".")
+    if root not in context:
+        raise SpecError(f"${{{ref}}}: nothing called {root!r} is known here")
+    value: Any = context[root]
+    if root == "steps":
+        step_id, _, name = rest.partition(".")
+        if step_id not in value:
+            raise SpecError(f"${{{ref}}}: step {step_id!r} has not run (skipped or later)")
+        if name not in value[step_id]:
+            recorded = ", ".join(sorted(value[step_id])) or "nothing"
+            raise SpecError(f"${{{ref}}}: step {step_id!r} recorded no {name!r} (it recorded {recorded})")
+        return value[step_id][name]
+    for part in [p for p in rest.split(".") if p]:
+        if not isinstance(value, Mapping) or part not in value:
+            raise SpecError(f"${{{ref}}}: no value {part!r}")
+        value = value[part]
+    return value
+
+
+def resolve(value: Any, context: Mapping[str, Any]) -> Any:
+    """Substitute references in a value (recursively through lists and mappings)."""
+    if isinstance(value, Mapping):
+        return {k: resolve(v, context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, context) for v in value]
+    if not isinstance(value, str):
+        return value
+    whole = REFERENCE.fullmatch(value.strip())
+    if whole:
+        return lookup(whole.group(1), context)
+    return REFERENCE.sub(lambda m: _text(lookup(m.group(1), context)), value)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return json.dumps(value) if isinstance(value, (dict, bool)) or value is None else str(value)
+
+
+_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Eq, ast.NotEq,
+            ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Name, ast.Load, ast.Constant, ast.List,
+            ast.Tuple)
+
+
+def evaluate(expression: str, context: Mapping[str, Any]) -> bool:
+    """Evaluate a `when` expression: references, literals, and/or/not and comparisons only."""
+    names: dict[str, Any] = {"true": True, "false": False, "null": None}
+
+    def bind(match: re.Match) -> str:
+        key = f"_ref{len(names)}"
+        names[key] = lookup(match.group(1), context)
+        return key
+
+    text = REFERENCE.sub(bind, expression)
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise SpecError(f"when: cannot parse {expression!r}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED) or (isinstance(node, ast.Name) and node.id not in names):
+            raise SpecError(f"when: {expression!r} may use only references, literals, and/or/not and comparisons")
+    return bool(eval(compile(tree, "<when>", "eval"), {"__builtins__": {}}, dict(names)))  # noqa: S307 (checked AST)
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+def _substitute_item(value: Any, item: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _substitute_item(v, item) for k, v in value.items()}
+    if isinstance(value, str):
+        if value.strip() == "${item}":
+            return item
+        return value.replace("${item}", _text(item))
+    return value
+
+
+def plan(book: Runbook, parameters: Mapping[str, Any]) -> list[Step]:
+    """The flat list of steps for these parameters: `foreach` groups expanded (`shift` -> `shift-10`...)."""
+    context = {"parameters": dict(parameters)}
+    steps: list[Step] = []
+    for item in book.steps:
+        if isinstance(item, Step):
+            steps.append(item)
+            continue
+        values = resolve(item["foreach"], context)
+        if not isinstance(values, list):
+            raise SpecError(f"foreach {item['foreach']!r} must name a list (e.g. a percent_list parameter)")
+        for value in values:
+            if item.get("where") and not evaluate(str(item["where"]), {**context, "item": value}):
+                continue  # `where` filters the items when the plan is made (parameters and item only)
+            for child in item["steps"]:
+                conditions = [c for c in (item.get("when"), child.when) if c]
+                when = " and ".join(f"({c})" for c in conditions) or None
+                steps.append(Step(f"{child.id}-{value}", child.notebook, _substitute_item(child.parameters, value),
+                                  None if when is None else _substitute_item(when, value), child.live_traffic,
+                                  child.description))
+    ids = [s.id for s in steps] + [s.id for s in book.on_failure]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise SpecError(f"runbook {book.name}: step id(s) used twice: {', '.join(duplicates)}")
+    return steps
+
+
+def find_runbook(name_or_path: str) -> Path:
+    """A runbook by path, or by name under ./runbooks (`safe_rollout` -> runbooks/safe_rollout.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (Path("runbooks") / f"{name_or_path}.yaml", Path("runbooks") / name_or_path):
+        if candidate.is_file():
+            return candidate
+    raise SpecError(f"runbook not found: {name_or_path}")
+
+
+# ---- the `saferollout run` command ---------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    """Add `saferollout run RUNBOOK [-p key=value ...] [--runs-dir DIR]`."""
+    parser = subparsers.add_parser("run", help="run a runbook (papermill notebooks) into a run directory",
+                                   description="Run a runbook: its notebooks in order under papermill, into "
+                                               "runs/<UTC timestamp>-<runbook>/, with summary.json and report.html. "
+                                               "Exit code 0 only when the rollout completed.")
+    parser.add_argument("runbook", help="runbook YAML path, or a name under ./runbooks")
+    parser.add_argument("-p", "--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a runbook parameter (repeatable)")
+    parser.add_argument("--runs-dir", default=None, help="where run directories go (default: parameter runs_dir)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo notebook output lines")
+    parser.set_defaults(handler=handle_run)
+
+
+def handle_run(args: Any, backend_factory: Any = None) -> int:
+    """CLI handler: run the runbook and return the exit code (0 only when the rollout completed)."""
+    from saferollout.runner import run_runbook
+
+    result = run_runbook(find_runbook(args.runbook), parse_overrides(args.parameters), runs_dir=args.runs_dir,
+                         echo=not getattr(args, "quiet", False))
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m saferollout.runbook ...`: the run command on its own (same as `saferollout run ...`)."""
+    import argparse
+    import sys
+
+    from saferollout.errors import SafeRolloutError
+
+    parser = argparse.ArgumentParser(prog="saferollout")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.handler(args, None)
+    except SafeRolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

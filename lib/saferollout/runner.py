@@ -1,0 +1,288 @@
+"""Execute a runbook: papermill runs each step's notebook into runs/<UTC timestamp>-<runbook>/NN-<step>.ipynb.
+
+The executed notebooks are the record (papermill keeps timings, parameters and the failing cell in them);
+`summary.json` indexes them (status, step timings, recorded values, gate verdicts, failure, client-side
+traffic) and `report.html` renders them for a browser. Live traffic (saferollout.traffic) runs in a separate
+process from the first `live_traffic` step to the end of the run, on_failure steps included, so a rollback
+is observed by the same clients that saw the failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.console import Console
+
+from saferollout.errors import SpecError
+from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
+                                 resolve_parameters)
+
+GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
+STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
+
+
+@dataclass
+class StepResult:
+    id: str
+    notebook: str
+    output: str = ""
+    status: str = "pending"  # ok | failed | skipped
+    started_at: float | None = None
+    duration_s: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)
+    skipped_because: str = ""
+    error: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    summary: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == STATUS_COMPLETED else 1
+
+
+class _Echo:
+    """A file-like sink for papermill's stdout/stderr: prints kernel output lines under the step's id."""
+
+    def __init__(self, console: Console, step_id: str, enabled: bool):
+        self.console, self.step_id, self.enabled, self._buffer = console, step_id, enabled, ""
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            if self.enabled and line.strip():
+                self.console.print(f"  [dim]{self.step_id} |[/dim] {line}", highlight=False, markup=False)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def new_run_dir(runs_dir: str | Path, name: str) -> Path:
+    """runs/<UTC timestamp>-<runbook>, made unique if two runs start within the same second."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = Path(runs_dir) / f"{stamp}-{name}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def _failure(step: Step, exc: BaseException) -> dict[str, Any]:
+    """What went wrong, with the failing cell when papermill tells us which one."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        return {"step": step.id, "ename": exc.ename, "evalue": exc.evalue, "message": f"{exc.ename}: {exc.evalue}",
+                "cell_index": exc.cell_index, "execution_count": exc.exec_count, "cell_source": exc.source}
+    return {"step": step.id, "ename": type(exc).__name__, "evalue": str(exc),
+            "message": f"{type(exc).__name__}: {exc}", "cell_index": None, "execution_count": None,
+            "cell_source": None}
+
+
+class Runner:
+    """Runs one planned runbook into one run directory."""
+
+    def __init__(self, book: Runbook, parameters: Mapping[str, Any], run_dir: Path, *,
+                 console: Console | None = None, echo: bool = True, kernel_name: str = "python3"):
+        self.book, self.parameters, self.run_dir = book, dict(parameters), run_dir
+        self.console = console or Console(stderr=True)
+        self.echo, self.kernel_name = echo, kernel_name
+        self.steps = plan(book, parameters)
+        self.results: list[StepResult] = []
+        self.recorded: dict[str, dict[str, Any]] = {}
+        self.traffic_proc: Any = None
+        self.traffic_started_at: float | None = None
+        self.started_at = time.time()
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    def context(self, failure: dict[str, Any] | None = None) -> dict[str, Any]:
+        ctx: dict[str, Any] = {"parameters": self.parameters, "steps": self.recorded,
+                               "run": {"id": self.run_id, "dir": str(self.run_dir.resolve()),
+                                       "started_at": self.started_at}}
+        if failure is not None:
+            ctx["failure"] = failure
+        return ctx
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def execute(self, step: Step, index: int, failure: dict[str, Any] | None = None) -> StepResult:
+        import papermill
+
+        result = StepResult(step.id, str(step.notebook))
+        self.results.append(result)
+        ctx = self.context(failure)
+        try:
+            if step.when and not evaluate(step.when, ctx):
+                result.status, result.skipped_because = "skipped", step.when
+                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped ({step.when})[/dim]")
+                return result
+            result.parameters = resolve(step.parameters, ctx)
+        except SpecError as exc:
+            result.status, result.error = "failed", _failure(step, exc)
+            self.console.print(f"[red]xx {index:02d} {step.id}: {exc}[/red]")
+            return result
+        if step.live_traffic:
+            self.start_traffic()
+        output = self.run_dir / f"{index:02d}-{step.id}.ipynb"
+        result.output, result.started_at = output.name, time.time()
+        self.console.print(f"[bold]>> {index:02d} {step.id}[/bold] ({step.notebook.name})")
+        sink = _Echo(self.console, step.id, self.echo)
+        try:
+            papermill.execute_notebook(str(step.notebook), str(output), parameters=result.parameters,
+                                       kernel_name=self.kernel_name, progress_bar=False, stdout_file=sink,
+                                       stderr_file=sink, cwd=str(step.notebook.parent))
+            result.status = "ok"
+        except Exception as exc:  # noqa: BLE001 (any failure of a step is recorded, then on_failure runs)
+            result.status, result.error = "failed", _failure(step, exc)
+        result.duration_s = round(time.time() - result.started_at, 3)
+        if output.exists():
+            result.records = read_records(output)
+        self.recorded[step.id] = result.records
+        if result.status == "ok":
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in result.records.items() if k != GATE_RECORD)
+            self.console.print(f"[green]ok {index:02d} {step.id}[/green] {result.duration_s:.1f}s {shown}",
+                               highlight=False)
+        else:
+            self.console.print(f"[red]xx {index:02d} {step.id}[/red] {result.duration_s:.1f}s "
+                               f"{result.error['message']}", highlight=False)
+        return result
+
+    # ---- live traffic ---------------------------------------------------------------------------------
+    def start_traffic(self) -> None:
+        if self.traffic_proc is not None or not self.book.traffic:
+            return
+        from saferollout import traffic
+
+        settings = resolve(self.book.traffic, self.context())
+        self.console.print(f"[cyan]~~ live traffic: {settings.get('rps')} rps to {settings.get('endpoint')}[/cyan]")
+        self.traffic_started_at = time.time()
+        self.traffic_proc = traffic.start_background(
+            str(settings["endpoint"]), float(settings.get("rps") or 10), duration_s=None,
+            results_path=self.run_dir / "traffic.jsonl", backend=str(settings.get("backend") or "local"),
+            home=os.environ.get("SAFEROLLOUT_HOME"))
+
+    def stop_traffic(self) -> dict[str, Any] | None:
+        if self.traffic_proc is None:
+            return None
+        from saferollout import traffic
+
+        result = traffic.stop_background(self.traffic_proc)
+        self.traffic_proc = None
+        path = self.run_dir / "traffic.jsonl"
+        if result is None and path.exists():
+            result = traffic.summarize(path)
+        summary = result.to_dict() if result is not None else {}
+        summary["per_deployment"] = client_outcomes(path)
+        summary["results_file"] = path.name
+        return summary
+
+    # ---- the whole run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = self.started_at = time.time()
+        self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
+        failure: dict[str, Any] | None = None
+        traffic_summary = None
+        try:
+            for index, step in enumerate(self.steps, start=1):
+                result = self.execute(step, index)
+                if result.status == "failed":
+                    failure = result.error
+                    break
+            on_failure_ok = None
+            if failure is not None and self.book.on_failure:
+                on_failure_ok = True
+                for offset, step in enumerate(self.book.on_failure, start=len(self.results) + 1):
+                    on_failure_ok = self.execute(step, offset, failure).status != "failed" and on_failure_ok
+        finally:
+            traffic_summary = self.stop_traffic()
+        if failure is None:
+            status = STATUS_COMPLETED
+        else:
+            status = STATUS_ROLLED_BACK if on_failure_ok else STATUS_FAILED
+        summary = self.summary(status, started, failure, traffic_summary)
+        from saferollout.report import write_report, write_summary
+
+        write_summary(self.run_dir, summary)
+        try:
+            write_report(self.run_dir, summary)
+        except Exception as exc:  # noqa: BLE001 (the run's outcome stands even if rendering fails)
+            self.console.print(f"[yellow]report.html not written: {exc}[/yellow]")
+        colour = "green" if status == STATUS_COMPLETED else "red"
+        self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
+                           f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
+        return RunResult(self.run_dir, status, summary)
+
+    def summary(self, status: str, started: float, failure: dict[str, Any] | None,
+                traffic_summary: dict[str, Any] | None) -> dict[str, Any]:
+        ended = time.time()
+        gates = {r.id: r.records[GATE_RECORD] for r in self.results if GATE_RECORD in r.records}
+        return {
+            "runbook": self.book.name, "runbook_path": str(self.book.path), "run_id": self.run_id,
+            "status": status, "exit_code": 0 if status == STATUS_COMPLETED else 1,
+            "first_release": any(r.records.get("first_release") is True for r in self.results),
+            "started_at": started, "ended_at": ended, "duration_s": round(ended - started, 3),
+            "parameters": self.parameters,
+            "steps": [r.to_dict() for r in self.results],
+            "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in self.results},
+            "gates": {step: {"decision": g.get("decision"),
+                             "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
+            "failure": failure, "traffic": traffic_summary, "python": sys.executable,
+        }
+
+
+def client_outcomes(results_path: Path) -> dict[str, dict[str, int]]:
+    """Client-side outcome per serving deployment from the traffic results file: sent, ok, failed."""
+    outcomes: dict[str, dict[str, int]] = {}
+    if not results_path.exists():
+        return outcomes
+    for line in results_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the generator was stopped
+        counts = outcomes.setdefault(str(row.get("deployment") or "(none)"), {"sent": 0, "ok": 0, "failed": 0})
+        counts["sent"] += 1
+        status = row.get("status")
+        counts["ok" if isinstance(status, int) and 200 <= status < 300 else "failed"] += 1
+    return outcomes
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *, runs_dir: str | Path | None = None,
+                console: Console | None = None, echo: bool = True) -> RunResult:
+    """Load, validate (before anything runs) and execute a runbook; returns the run's result."""
+    book = load_runbook(path)
+    overrides = dict(overrides or {})
+    parameters = resolve_parameters(book, overrides)
+    runs_dir = runs_dir or parameters.get("runs_dir") or "runs"
+    if "runs_dir" in parameters:
+        parameters["runs_dir"] = str(runs_dir)
+    plan(book, parameters)  # expansion errors surface before the run directory exists
+    run_dir = new_run_dir(runs_dir, book.name)
+    return Runner(book, parameters, run_dir, console=console, echo=echo).run()
