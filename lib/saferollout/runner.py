@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rich.console import Console
+from rich.text import Text
 
 from saferollout.errors import SpecError
 from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
@@ -66,7 +67,7 @@ class _Echo:
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
             if self.enabled and line.strip():
-                self.console.print(f"  [dim]{self.step_id} |[/dim] {line}", highlight=False, markup=False)
+                self.console.print(Text.assemble((f"  {self.step_id} | ", "dim"), line), soft_wrap=True)
         return len(text)
 
     def flush(self) -> None:
@@ -105,7 +106,7 @@ class Runner:
     def __init__(self, book: Runbook, parameters: Mapping[str, Any], run_dir: Path, *,
                  console: Console | None = None, echo: bool = True, kernel_name: str = "python3"):
         self.book, self.parameters, self.run_dir = book, dict(parameters), run_dir
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.echo, self.kernel_name = echo, kernel_name
         self.steps = plan(book, parameters)
         self.results: list[StepResult] = []
@@ -136,7 +137,8 @@ class Runner:
         try:
             if step.when and not evaluate(step.when, ctx):
                 result.status, result.skipped_because = "skipped", step.when
-                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped ({step.when})[/dim]")
+                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped (when: {step.when})[/dim]",
+                                   highlight=False)
                 return result
             result.parameters = resolve(step.parameters, ctx)
         except SpecError as exc:

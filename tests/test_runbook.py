@@ -1,0 +1,262 @@
+"""Runbooks and the runner: parameters refused before anything runs, references, when/where/foreach,
+on_failure, summary.json, report.html and exit codes. Steps are a tiny notebook (tests/notebooks/echo.ipynb),
+so these tests pay for kernels, not for deployments; the rollout itself is tested in tests/notebooks/."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from saferollout.errors import SpecError
+from saferollout.runbook import (RECORD_MIMETYPE, evaluate, load_runbook, main, parse_overrides, percent_list,
+                                 plan, read_records, resolve, resolve_parameters)
+from saferollout.runner import client_outcomes, run_runbook
+
+ROOT = Path(__file__).resolve().parents[1]
+ECHO = Path(__file__).parent / "notebooks" / "echo.ipynb"
+
+
+def write_runbook(tmp_path: Path, body: str, name: str = "book.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).replace("ECHO", str(ECHO)))
+    return path
+
+
+BASIC = """
+name: basic
+parameters:
+  greeting: {default: hi}
+  rps: {default: 10, type: float, min: 0.1}
+  fault: {default: none, choices: [none, errors]}
+  steps_list: {default: "10,100", type: percent_list}
+steps:
+  - id: first
+    notebook: ECHO
+    parameters: {value: "${parameters.greeting}"}
+  - id: second
+    notebook: ECHO
+    parameters: {value: "${steps.first.echo} again", extra: {rps: "${parameters.rps}"}}
+"""
+
+
+# ---- parameters --------------------------------------------------------------------------------------
+def test_unknown_parameters_are_refused_by_name(tmp_path):
+    book = load_runbook(write_runbook(tmp_path, BASIC))
+    with pytest.raises(SpecError, match=r"unknown parameter\(s\) colour, size for runbook basic"):
+        resolve_parameters(book, {"size": "1", "colour": "red"})
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("rps", "fast", "parameter rps='fast' is not a valid float"),
+    ("rps", "0", "parameter rps='0' must be at least 0.1"),
+    ("fault", "boom", "parameter fault='boom' must be one of none, errors"),
+    ("steps_list", "50,10,100", "percents must increase strictly"),
+    ("steps_list", "10,50", "the last step must be 100"),
+])
+def test_ill_typed_parameters_are_refused_with_the_parameter_named(tmp_path, name, value, message):
+    book = load_runbook(write_runbook(tmp_path, BASIC))
+    with pytest.raises(SpecError, match=message):
+        resolve_parameters(book, {name: value})
+
+
+def test_overrides_are_coerced_to_the_declared_type(tmp_path):
+    book = load_runbook(write_runbook(tmp_path, BASIC))
+    values = resolve_parameters(book, {"rps": "2.5", "steps_list": "5, 20,100"})
+    assert values["rps"] == 2.5 and values["steps_list"] == [5, 20, 100] and values["greeting"] == "hi"
+
+
+def test_a_preset_fills_parameters_that_p_did_not_set(tmp_path):
+    book = load_runbook(write_runbook(tmp_path, BASIC.replace("steps:\n", """  preset:
+    default: quick
+    presets: {quick: {}, slow: {rps: 1, greeting: slowly}}
+steps:
+""", 1)))
+    values = resolve_parameters(book, {"preset": "slow", "greeting": "mine"})
+    assert values["rps"] == 1.0 and values["greeting"] == "mine"
+    with pytest.raises(SpecError, match="must be one of quick, slow"):
+        resolve_parameters(book, {"preset": "medium"})
+
+
+def test_p_without_equals_is_refused():
+    assert parse_overrides(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(SpecError, match="use -p key=value"):
+        parse_overrides(["rps"])
+
+
+def test_percent_list_parses_steps():
+    assert percent_list("10,50,100") == [10, 50, 100]
+    with pytest.raises(ValueError, match="whole percents"):
+        percent_list("ten,100")
+
+
+# ---- the runbook file ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body,message", [
+    ("name: x\nsteps: []\n", "has no steps"),
+    ("name: x\ncolour: red\nsteps: [{id: a, notebook: ECHO}]\n", r"unknown key\(s\) colour"),
+    ("name: x\nsteps: [{id: a, notebook: missing.ipynb}]\n", "notebook not found"),
+    ("name: x\nsteps: [{id: A-b, notebook: ECHO}]\n", "must be lower-case"),
+    ("name: x\nsteps: [{id: a, notebook: ECHO, parameters: {nope: 1}}]\n", r"has no parameter\(s\) nope"),
+    ("name: x\nsteps: [{id: a, notebook: ECHO, parameters: {value: '${parameters.nope}'}}]\n",
+     "names unknown parameter 'nope'"),
+    ("name: x\nsteps: [{id: a, notebook: ECHO, parameters: {value: '${steps.later.v}'}}, {id: later, notebook: ECHO}]\n",
+     "names no earlier step"),
+    ("name: x\nparameters: {rps: {default: fast, type: float}}\nsteps: [{id: a, notebook: ECHO}]\n",
+     "parameter rps='fast' is not a valid float"),
+])
+def test_malformed_runbooks_are_refused_with_a_message(tmp_path, body, message):
+    with pytest.raises(SpecError, match=message):
+        load_runbook(write_runbook(tmp_path, body))
+
+
+def test_the_shipped_runbooks_load_and_plan():
+    for name in ("safe_rollout", "simple_rollout"):
+        book = load_runbook(ROOT / "runbooks" / f"{name}.yaml")
+        ids = [s.id for s in plan(book, resolve_parameters(book, {}))]
+        assert ids[:3] == ["train", "register", "deploy"] and ids[-1] == "promote"
+    safe = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
+    ids = [s.id for s in plan(safe, resolve_parameters(safe, {"traffic_steps": "5,25,60,100"}))]
+    assert ids == ["train", "register", "deploy", "shift-5", "validate-5", "shift-25", "validate-25", "shift-60",
+                   "validate-60", "promote"]
+
+
+def test_seed_preset_restores_the_seeds_gate_settings():
+    book = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
+    values = resolve_parameters(book, {"gate_preset": "seed"})
+    gates = json.loads(values["gates"])
+    assert values["rps"] == 15 and all(g["intervals"] == 5 and g["grain"] == "PT1M" for g in gates)
+
+
+# ---- references and conditions --------------------------------------------------------------------------
+def test_a_whole_reference_keeps_its_type_and_partial_ones_interpolate():
+    ctx = {"parameters": {"n": 3, "steps": [10, 100]}, "steps": {"a": {"ok": True}}}
+    assert resolve("${parameters.n}", ctx) == 3
+    assert resolve("n=${parameters.n} steps=${parameters.steps}", ctx) == "n=3 steps=10,100"
+    assert resolve({"x": ["${steps.a.ok}"]}, ctx) == {"x": [True]}
+
+
+def test_a_missing_recorded_value_names_what_the_step_recorded():
+    ctx = {"steps": {"train": {"model_dir": "/m"}}}
+    with pytest.raises(SpecError, match=r"step 'train' recorded no 'metrics' \(it recorded model_dir\)"):
+        resolve("${steps.train.metrics}", ctx)
+    with pytest.raises(SpecError, match="step 'deploy' has not run"):
+        resolve("${steps.deploy.rc}", ctx)
+
+
+def test_when_expressions_allow_only_comparisons_and_logic():
+    ctx = {"steps": {"deploy": {"first_release": False}}, "parameters": {"p": 50}}
+    assert evaluate("not ${steps.deploy.first_release} and ${parameters.p} < 100", ctx) is True
+    assert evaluate("${parameters.p} in [10, 20]", ctx) is False
+    with pytest.raises(SpecError, match="may use only references"):
+        evaluate("__import__('os')", ctx)
+
+
+def test_read_records_reads_the_record_mimetype_and_the_last_value_wins():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={RECORD_MIMETYPE: {"name": "x", "value": 1}}),
+                    nbformat.v4.new_output("display_data", data={"text/plain": "noise"}),
+                    nbformat.v4.new_output("display_data", data={RECORD_MIMETYPE: {"name": "x", "value": 2}})]
+    nb.cells = [cell]
+    assert read_records(nb) == {"x": 2}
+
+
+# ---- running -------------------------------------------------------------------------------------------
+def test_a_run_passes_recorded_values_and_writes_summary_and_report(tmp_path):
+    result = run_runbook(write_runbook(tmp_path, BASIC), {"greeting": "bonjour"}, runs_dir=tmp_path / "runs",
+                         echo=False)
+    assert result.status == "completed" and result.exit_code == 0
+    assert result.run_dir.parent == tmp_path / "runs" and result.run_dir.name.endswith("-basic")
+    assert sorted(p.name for p in result.run_dir.glob("*.ipynb")) == ["01-first.ipynb", "02-second.ipynb"]
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["exit_code"] == 0 and summary["failure"] is None
+    assert summary["records"]["second"] == {"echo": "bonjour again", "extra": {"rps": 10.0},
+                                            "after_fail_check": True}
+    assert [s["status"] for s in summary["steps"]] == ["ok", "ok"]
+    assert all(s["duration_s"] > 0 for s in summary["steps"])
+    report = (result.run_dir / "report.html").read_text()
+    assert "echo bonjour again" in report and "<table>" in report and 'id="second"' in report
+
+
+FAILING = """
+name: failing
+parameters:
+  fail_second: {default: true}
+steps:
+  - {id: first, notebook: ECHO, parameters: {value: one}}
+  - {id: second, notebook: ECHO, parameters: {value: two, fail: "${parameters.fail_second}"}}
+  - {id: third, notebook: ECHO, parameters: {value: three}}
+on_failure:
+  - id: cleanup
+    notebook: ECHO
+    parameters: {value: "${failure.step} said ${failure.message}", fail: CLEANUP_FAILS}
+"""
+
+
+def test_a_failed_step_runs_on_failure_and_exits_non_zero_as_rolled_back(tmp_path):
+    book = write_runbook(tmp_path, FAILING.replace("CLEANUP_FAILS", "false"))
+    result = run_runbook(book, {}, runs_dir=tmp_path / "runs", echo=False)
+    assert result.status == "rolled_back" and result.exit_code == 1
+    summary = result.summary
+    assert [(s["id"], s["status"]) for s in summary["steps"]] == [("first", "ok"), ("second", "failed"),
+                                                                  ("cleanup", "ok")]
+    failure = summary["failure"]
+    assert failure["step"] == "second" and failure["ename"] == "ValueError" and failure["evalue"] == "boom: two"
+    assert "raise ValueError" in failure["cell_source"]
+    assert summary["records"]["cleanup"]["echo"] == "second said ValueError: boom: two"
+    assert (result.run_dir / "03-cleanup.ipynb").exists() and not (result.run_dir / "03-third.ipynb").exists()
+    assert "boom: two" in (result.run_dir / "report.html").read_text()
+
+
+def test_a_failing_on_failure_step_leaves_the_run_failed(tmp_path):
+    result = run_runbook(write_runbook(tmp_path, FAILING.replace("CLEANUP_FAILS", "true")), {},
+                         runs_dir=tmp_path / "runs", echo=False)
+    assert result.status == "failed" and result.exit_code == 1
+
+
+def test_when_skips_steps_and_where_filters_foreach_items(tmp_path):
+    body = """
+    name: loop
+    parameters:
+      steps_list: {default: "10,50,100", type: percent_list}
+    steps:
+      - {id: first, notebook: ECHO, parameters: {value: "yes"}}
+      - foreach: ${parameters.steps_list}
+        where: ${item} < 100
+        steps:
+          - {id: at, notebook: ECHO, parameters: {value: "at ${item}"}}
+      - {id: never, notebook: ECHO, when: "${steps.first.echo} == 'no'"}
+    """
+    result = run_runbook(write_runbook(tmp_path, body), {"steps_list": "20,100"}, runs_dir=tmp_path, echo=False)
+    assert result.exit_code == 0
+    assert [(s["id"], s["status"]) for s in result.summary["steps"]] == [("first", "ok"), ("at-20", "ok"),
+                                                                        ("never", "skipped")]
+    assert result.summary["records"]["at-20"]["echo"] == "at 20"
+
+
+def test_bad_parameters_are_refused_before_any_run_directory_exists(tmp_path, capsys):
+    book = write_runbook(tmp_path, BASIC)
+    code = main([str(book), "-p", "rps=fast", "-p", "nope=1", "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert "unknown parameter(s) nope" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_saferollout_run_reports_the_exit_code_of_the_rollout(tmp_path):
+    from saferollout.cli import main as cli_main
+
+    code = cli_main(["run", str(write_runbook(tmp_path, FAILING.replace("CLEANUP_FAILS", "false"))),
+                     "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert code == 1
+
+
+def test_client_outcomes_count_failures_per_serving_deployment(tmp_path):
+    path = tmp_path / "traffic.jsonl"
+    rows = [{"status": 200, "deployment": "blue"}, {"status": 500, "deployment": "green"},
+            {"status": 200, "deployment": "green"}, {"status": 404, "deployment": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"status\": 2")  # last line cut short
+    assert client_outcomes(path) == {"blue": {"sent": 1, "ok": 1, "failed": 0},
+                                     "green": {"sent": 2, "ok": 1, "failed": 1},
+                                     "(none)": {"sent": 1, "ok": 0, "failed": 1}}
