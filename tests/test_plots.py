@@ -1,0 +1,93 @@
+"""Figures for notebooks and reports: built from given data, thresholds drawn, no data kept as no data."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from saferollout import plots  # noqa: E402
+from saferollout.backends.base import MetricPoint, MetricSeries  # noqa: E402
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def series(dep: str, values: list[float | None], metric: str = "RequestsPerMinute") -> MetricSeries:
+    return MetricSeries(metric, "Total", "PT5S", {"deployment": dep},
+                        [MetricPoint(T0 + timedelta(seconds=5 * i), v) for i, v in enumerate(values)])
+
+
+def observation() -> plots.Observation:
+    requests = plots.series_frame([series("blue", [9, 9, 5, 5]), series("green", [1, 1, 5, 5])])
+    errors = plots.series_frame([series("green", [0, 1, 0, 2])])
+    latency = {p: plots.series_frame([series("blue", [10, 11, None, 12], p), series("green", [20, 21, 22, 23], p)])
+               for p in plots.PERCENTILES}
+    return plots.Observation("ep", "PT5S", requests, errors, latency)
+
+
+def lines_at(ax, y: float) -> list:
+    return [line for line in ax.get_lines() if list(line.get_ydata()) == [y, y]]
+
+
+def test_series_frame_keeps_missing_intervals_as_nan_not_zero():
+    frame = plots.series_frame([series("blue", [1.0, None, 3.0])])
+    assert list(frame.columns) == ["blue"] and np.isnan(frame["blue"].iloc[1]) and frame["blue"].iloc[2] == 3.0
+
+
+def test_traffic_shares_are_percent_of_each_interval_and_skip_empty_ones():
+    requests = pd.DataFrame({"blue": [9.0, np.nan, 5.0], "green": [1.0, np.nan, 15.0]})
+    shares = plots.traffic_shares(requests)
+    assert len(shares) == 2
+    assert shares.iloc[0].tolist() == [90.0, 10.0] and shares.iloc[1].tolist() == [25.0, 75.0]
+
+
+def test_dashboard_draws_the_thresholds_and_every_deployment():
+    fig = plots.rollout_dashboard(observation(), latency_threshold_ms=250.0, error_threshold=3,
+                                  marks={"gate window": T0.timestamp() + 5})
+    lat_ax, err_ax, split_ax = fig.axes
+    assert lines_at(lat_ax, 250.0) and lines_at(err_ax, 3)
+    labels = {t.get_text() for t in lat_ax.get_legend().get_texts()}
+    assert {"blue p90", "green p99", "threshold 250 ms"} <= labels
+    assert {t.get_text() for t in split_ax.get_legend().get_texts()} == {"blue", "green"}
+
+
+def test_dashboard_without_thresholds_draws_no_limit_lines():
+    fig = plots.rollout_dashboard(observation())
+    assert not any("threshold" in t.get_text() for ax in fig.axes if ax.get_legend()
+                   for t in ax.get_legend().get_texts())
+
+
+def test_gate_timeline_has_one_row_per_gate_coloured_by_decision():
+    history = [{"gate": "errors", "decision": d, "window_start": 100.0, "checked_at": 100.0 + i}
+               for i, d in enumerate(["inconclusive", "inconclusive", "pass"])]
+    history.append({"gate": "latency", "decision": "fail", "window_start": 100.0, "checked_at": 104.0})
+    fig = plots.gate_timeline(history)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["errors", "latency"]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"pass", "fail", "inconclusive"}
+
+
+def test_verdict_table_shows_headline_evidence():
+    table = plots.verdict_table([{"gate": "errors", "kind": "compare", "decision": "fail", "reason": "worse",
+                                  "evidence": {"n_rc": 40, "p_value": 0.00123456, "query": "x", "nested": {}}}])
+    assert table.loc[0, "decision"] == "fail"
+    assert table.loc[0, "evidence"] == "n_rc=40, p_value=0.001235"
+
+
+@pytest.mark.parametrize("figure", [plots.roc_figure, plots.calibration_figure])
+def test_quality_figures_plot_held_out_predictions(figure):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.6 + rng.random(200) * 0.4, 0, 1)
+    fig = figure(y, p)
+    assert len(fig.axes[0].get_lines()) == 2  # the model and the reference diagonal
+
+
+def test_roc_legend_states_the_auc():
+    fig = plots.roc_figure([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert "AUC 0.750" in fig.axes[0].get_legend().get_texts()[0].get_text()
