@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The local twin of .github/workflows/safe-rollout.yml: a first release, then a gated safe rollout of a
+# second model (gradient boosting), each leaving runs/<UTC time>-safe-rollout/ with executed notebooks,
+# summary.json and report.html. The demo endpoint is recreated so the first run is a first release.
+DEMO_ENDPOINT ?= credit-risk-demo
 demo: $(STAMP)
-	$(PY) examples/blue_green_demo.py
+	-$(VENV)/bin/saferollout online-endpoint delete -n $(DEMO_ENDPOINT) -y -o none 2>/dev/null
+	$(VENV)/bin/saferollout run runbooks/safe_rollout.yaml -p endpoint_name=$(DEMO_ENDPOINT)
+	$(VENV)/bin/saferollout run runbooks/safe_rollout.yaml -p endpoint_name=$(DEMO_ENDPOINT) \
+		-p model_family=gradient_boosting
+	@echo "open the run reports: $$(ls -d runs/*-safe-rollout | tail -2 | sed 's|$$|/report.html|' | tr '\n' ' ')"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
