@@ -260,3 +260,16 @@ def test_client_outcomes_count_failures_per_serving_deployment(tmp_path):
     assert client_outcomes(path) == {"blue": {"sent": 1, "ok": 1, "failed": 0},
                                      "green": {"sent": 2, "ok": 1, "failed": 1},
                                      "(none)": {"sent": 1, "ok": 0, "failed": 1}}
+
+
+def test_a_run_continued_step_by_step_reads_earlier_values_from_its_directory(tmp_path):
+    book = write_runbook(tmp_path, BASIC)
+    run_dir = tmp_path / "runs" / "ci"
+    first = run_runbook(book, {"greeting": "salut"}, run_dir=run_dir, only=["first"], echo=False)
+    assert first.status == "in_progress" and first.exit_code == 0
+    second = run_runbook(book, {"greeting": "salut"}, run_dir=run_dir, only=["second"], echo=False)
+    assert second.status == "completed" and second.exit_code == 0
+    assert [s["id"] for s in second.summary["steps"]] == ["first", "second"]
+    assert second.summary["records"]["second"]["echo"] == "salut again"
+    with pytest.raises(SpecError, match=r"--steps names unknown step\(s\) third"):
+        run_runbook(book, {}, run_dir=run_dir, only=["third"], echo=False)

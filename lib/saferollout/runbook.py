@@ -460,6 +460,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("-p", "--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
                         help="override a runbook parameter (repeatable)")
     parser.add_argument("--runs-dir", default=None, help="where run directories go (default: parameter runs_dir)")
+    parser.add_argument("--run-dir", default=None,
+                        help="continue the run in this directory (earlier steps' values are read from it)")
+    parser.add_argument("--steps", default=None, metavar="ID,ID",
+                        help="run only these steps (e.g. one CI job per step, with --run-dir)")
     parser.add_argument("--quiet", action="store_true", help="do not echo notebook output lines")
     parser.set_defaults(handler=handle_run)
 
@@ -468,8 +472,9 @@ def handle_run(args: Any, backend_factory: Any = None) -> int:
     """CLI handler: run the runbook and return the exit code (0 only when the rollout completed)."""
     from saferollout.runner import run_runbook
 
+    only = [s.strip() for s in args.steps.split(",") if s.strip()] if getattr(args, "steps", None) else None
     result = run_runbook(find_runbook(args.runbook), parse_overrides(args.parameters), runs_dir=args.runs_dir,
-                         echo=not getattr(args, "quiet", False))
+                         echo=not getattr(args, "quiet", False), run_dir=getattr(args, "run_dir", None), only=only)
     return result.exit_code
 
 

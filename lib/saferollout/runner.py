@@ -26,6 +26,7 @@ from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, re
 
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
+STATUS_IN_PROGRESS = "in_progress"  # a run continued step by step, with steps still to come
 
 
 @dataclass
@@ -53,7 +54,30 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.status == STATUS_COMPLETED else 1
+        return exit_code(self.status)
+
+
+def exit_code(status: str) -> int:
+    """0 when the rollout completed (or, run step by step, when the steps asked for did); 1 otherwise."""
+    return 0 if status in (STATUS_COMPLETED, STATUS_IN_PROGRESS) else 1
+
+
+def _load_previous(run_dir: Path) -> dict[str, Any]:
+    """What earlier invocations on this run directory did: step results, recorded values, failure."""
+    previous: dict[str, Any] = {"steps": [], "records": {}, "failure": None, "traffic": None, "started_at": None,
+                                "last_index": 0}
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return previous
+    summary = json.loads(path.read_text())
+    previous["steps"] = [StepResult(**step) for step in summary.get("steps", [])]
+    for result in previous["steps"]:
+        output = run_dir / result.output if result.output else None
+        previous["records"][result.id] = read_records(output) if output and output.exists() else result.records
+        if result.output:
+            previous["last_index"] = max(previous["last_index"], int(result.output.split("-", 1)[0]))
+    previous.update({k: summary.get(k) for k in ("failure", "traffic", "started_at")})
+    return previous
 
 
 class _Echo:
@@ -104,7 +128,8 @@ class Runner:
     """Runs one planned runbook into one run directory."""
 
     def __init__(self, book: Runbook, parameters: Mapping[str, Any], run_dir: Path, *,
-                 console: Console | None = None, echo: bool = True, kernel_name: str = "python3"):
+                 console: Console | None = None, echo: bool = True, kernel_name: str = "python3",
+                 only: set[str] | None = None):
         self.book, self.parameters, self.run_dir = book, dict(parameters), run_dir
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.echo, self.kernel_name = echo, kernel_name
@@ -114,6 +139,9 @@ class Runner:
         self.traffic_proc: Any = None
         self.traffic_started_at: float | None = None
         self.started_at = time.time()
+        self.only = only
+        self.previous = _load_previous(run_dir)  # a run continued step by step (one CI job per step)
+        self.recorded.update({sid: records for sid, records in self.previous["records"].items()})
 
     @property
     def run_id(self) -> str:
@@ -201,28 +229,35 @@ class Runner:
         return summary
 
     # ---- the whole run ----------------------------------------------------------------------------------
+    def _selected(self, step: Step) -> bool:
+        return self.only is None or step.id in self.only
+
     def run(self) -> RunResult:
         started = self.started_at = time.time()
         self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
         failure: dict[str, Any] | None = None
-        traffic_summary = None
+        on_failure_ok: bool | None = None
         try:
             for index, step in enumerate(self.steps, start=1):
+                if not self._selected(step):
+                    continue
                 result = self.execute(step, index)
                 if result.status == "failed":
                     failure = result.error
                     break
-            on_failure_ok = None
-            if failure is not None and self.book.on_failure:
+            requested = [s for s in self.book.on_failure if self.only is not None and s.id in self.only]
+            if failure is not None or requested:
+                # a failure here rolls back at once; a job may also ask for on_failure steps by id (CI)
+                failure = failure or self.previous["failure"] or {"step": "unknown", "message": "rollback requested",
+                                                                  "ename": "", "evalue": ""}
                 on_failure_ok = True
-                for offset, step in enumerate(self.book.on_failure, start=len(self.results) + 1):
+                number = max([self.previous["last_index"], len(self.steps)] if self.only is not None
+                             else [len(self.results)]) + 1
+                for offset, step in enumerate(self.book.on_failure, start=number):
                     on_failure_ok = self.execute(step, offset, failure).status != "failed" and on_failure_ok
         finally:
             traffic_summary = self.stop_traffic()
-        if failure is None:
-            status = STATUS_COMPLETED
-        else:
-            status = STATUS_ROLLED_BACK if on_failure_ok else STATUS_FAILED
+        status = self.status(failure, on_failure_ok)
         summary = self.summary(status, started, failure, traffic_summary)
         from saferollout.report import write_report, write_summary
 
@@ -231,26 +266,39 @@ class Runner:
             write_report(self.run_dir, summary)
         except Exception as exc:  # noqa: BLE001 (the run's outcome stands even if rendering fails)
             self.console.print(f"[yellow]report.html not written: {exc}[/yellow]")
-        colour = "green" if status == STATUS_COMPLETED else "red"
+        colour = "green" if status in (STATUS_COMPLETED, STATUS_IN_PROGRESS) else "red"
         self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
                            f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
         return RunResult(self.run_dir, status, summary)
 
+    def status(self, failure: dict[str, Any] | None, on_failure_ok: bool | None) -> str:
+        if failure is not None:
+            return STATUS_ROLLED_BACK if on_failure_ok else STATUS_FAILED
+        done = {r.id for r in self.merged_results() if r.status in ("ok", "skipped")}
+        return STATUS_COMPLETED if all(s.id in done for s in self.steps) else STATUS_IN_PROGRESS
+
+    def merged_results(self) -> list[StepResult]:
+        """This invocation's step results, after those of earlier invocations on the same run directory."""
+        now = {r.id for r in self.results}
+        return [r for r in self.previous["steps"] if r.id not in now] + self.results
+
     def summary(self, status: str, started: float, failure: dict[str, Any] | None,
                 traffic_summary: dict[str, Any] | None) -> dict[str, Any]:
         ended = time.time()
-        gates = {r.id: r.records[GATE_RECORD] for r in self.results if GATE_RECORD in r.records}
+        results = self.merged_results()
+        gates = {r.id: r.records[GATE_RECORD] for r in results if GATE_RECORD in r.records}
         return {
             "runbook": self.book.name, "runbook_path": str(self.book.path), "run_id": self.run_id,
-            "status": status, "exit_code": 0 if status == STATUS_COMPLETED else 1,
-            "first_release": any(r.records.get("first_release") is True for r in self.results),
-            "started_at": started, "ended_at": ended, "duration_s": round(ended - started, 3),
+            "status": status, "exit_code": exit_code(status),
+            "first_release": any(r.records.get("first_release") is True for r in results),
+            "started_at": self.previous["started_at"] or started, "ended_at": ended,
+            "duration_s": round(ended - (self.previous["started_at"] or started), 3),
             "parameters": self.parameters,
-            "steps": [r.to_dict() for r in self.results],
-            "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in self.results},
+            "steps": [r.to_dict() for r in results],
+            "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in results},
             "gates": {step: {"decision": g.get("decision"),
                              "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
-            "failure": failure, "traffic": traffic_summary, "python": sys.executable,
+            "failure": failure, "traffic": traffic_summary or self.previous["traffic"], "python": sys.executable,
         }
 
 
@@ -277,14 +325,29 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *, runs_dir: str | Path | None = None,
-                console: Console | None = None, echo: bool = True) -> RunResult:
-    """Load, validate (before anything runs) and execute a runbook; returns the run's result."""
+                console: Console | None = None, echo: bool = True, run_dir: str | Path | None = None,
+                only: list[str] | None = None) -> RunResult:
+    """Load, validate (before anything runs) and execute a runbook; returns the run's result.
+
+    `run_dir` continues a run in that directory (it is created if missing) and `only` runs just the named
+    steps there, reading earlier steps' recorded values from the directory: one CI job per step.
+    """
     book = load_runbook(path)
     overrides = dict(overrides or {})
     parameters = resolve_parameters(book, overrides)
     runs_dir = runs_dir or parameters.get("runs_dir") or "runs"
     if "runs_dir" in parameters:
         parameters["runs_dir"] = str(runs_dir)
-    plan(book, parameters)  # expansion errors surface before the run directory exists
-    run_dir = new_run_dir(runs_dir, book.name)
-    return Runner(book, parameters, run_dir, console=console, echo=echo).run()
+    steps = plan(book, parameters)  # expansion errors surface before the run directory exists
+    if only is not None:
+        known = [s.id for s in steps] + [s.id for s in book.on_failure]
+        unknown = sorted(set(only) - set(known))
+        if unknown:
+            raise SpecError(f"--steps names unknown step(s) {', '.join(unknown)}; this plan has {', '.join(known)}")
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        target = Path(run_dir)
+    else:
+        target = new_run_dir(runs_dir, book.name)
+    return Runner(book, parameters, target, console=console, echo=echo,
+                  only=set(only) if only is not None else None).run()
