@@ -23,7 +23,8 @@ from saferollout.backends.azure.errors import sdk_errors
 from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients
 from saferollout.backends.base import (Credentials, Deployment, Endpoint, InvokeResult, MetricSeries, Model,
                                        Progress, RequestSample)
-from saferollout.errors import BackendError, Conflict, DeploymentFailed, NotFound, SpecError
+from saferollout.errors import (BackendError, Conflict, DeploymentFailed, NotFound, SafeRolloutError,
+                               SpecError)
 from saferollout.specs import (DeploymentSpec, EndpointSpec, parse_model_ref, parse_traffic, validate_mirror,
                                validate_model_name, validate_name, validate_traffic)
 
@@ -247,13 +248,12 @@ class AzureBackend:
             return self.get_deployment(spec.endpoint_name, spec.name)
         try:
             self._lro(what, start, progress)
-        except BackendError as exc:
-            deployment = self._failed_deployment(spec.endpoint_name, spec.name)
-            if deployment is None:
+        except SafeRolloutError as exc:  # a failed LRO comes back as a 400: tell a failed deployment apart
+            if self._failed_deployment(spec.endpoint_name, spec.name) is None:
                 raise
             logs = self._logs_or_note(spec.endpoint_name, spec.name, 40)
-            raise DeploymentFailed(f"deployment {spec.name!r} on {spec.endpoint_name!r} failed: {exc}",
-                                   str(exc), logs) from exc
+            raise DeploymentFailed(f"deployment {spec.name!r} on {spec.endpoint_name!r} failed: {exc}; its "
+                                   "logs are in the error's `logs` (or get_deployment_logs)", str(exc), logs) from exc
         deployment = self.get_deployment(spec.endpoint_name, spec.name)
         if deployment.provisioning_state == "Failed":
             logs = self._logs_or_note(spec.endpoint_name, spec.name, 40)
