@@ -1,0 +1,168 @@
+"""What every gate shares: the Verdict, the context of one look, the Gate protocol and its base class.
+
+A gate looks at the data gathered since traffic shifted and answers pass, fail or inconclusive. Missing
+data (no samples, too few, an unknown metric, a filter matching nothing) is inconclusive, never a pass;
+a gate still inconclusive at its `max_duration_s` fails, with the reason it could not decide.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from saferollout.backends.base import Backend, RequestSample
+from saferollout.errors import SafeRolloutError
+
+DECISIONS = ("pass", "fail", "inconclusive")
+DEFAULT_MAX_DURATION_S = 600.0
+
+
+@dataclass
+class Verdict:
+    """One gate's answer at one look, with everything needed to check or plot it."""
+
+    gate: str
+    kind: str
+    decision: str  # pass | fail | inconclusive
+    reason: str
+    evidence: dict[str, Any]
+    window_start: float
+    window_end: float
+    checked_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+@dataclass
+class GateContext:
+    """Where and when a gate looks: the endpoint, RC and PROD names, the window [start, now]."""
+
+    backend: Backend
+    endpoint: str
+    rc: str
+    prod: str | None
+    start: float
+    now: float
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.now - self.start
+
+
+@runtime_checkable
+class Gate(Protocol):
+    name: str
+    kind: str
+    needs_samples: bool
+    max_duration_s: float
+
+    def check(self, ctx: GateContext) -> Verdict: ...
+
+
+class Inconclusive(Exception):
+    """Raised inside a gate's look when data is missing; `reason` says which data."""
+
+    def __init__(self, reason: str, evidence: dict[str, Any] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.evidence = evidence or {}
+
+
+@dataclass
+class GateBase:
+    """Base of the built-in gates: `check` wraps the kind's `look` with the rules every gate obeys.
+
+    A subclass sets `kind` and implements `look(ctx) -> (decision, reason, evidence)`, raising
+    `Inconclusive` when data is missing. Backend errors (an unknown metric, a deployment that does not
+    exist, a platform that cannot be reached) become inconclusive too: they may be transient, and even
+    when they are not, waiting and then failing with the message is the safe answer.
+    """
+
+    name: str = ""
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+
+    kind: ClassVar[str] = ""
+    needs_samples: ClassVar[bool] = False
+
+    def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def check(self, ctx: GateContext) -> Verdict:
+        try:
+            decision, reason, evidence = self.look(ctx)
+        except Inconclusive as missing:
+            decision, reason, evidence = "inconclusive", missing.reason, missing.evidence
+        except SafeRolloutError as exc:
+            decision, reason = "inconclusive", f"{type(exc).__name__}: {exc}"
+            evidence = {"error": str(exc)}
+        verdict = Verdict(self.name, self.kind, decision, reason, json_safe(evidence),
+                          ctx.start, ctx.now, time.time())
+        return expire(verdict, self.max_duration_s)
+
+    def settings(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+def expire(verdict: Verdict, max_duration_s: float) -> Verdict:
+    """An inconclusive verdict at or past the gate's limit becomes a fail that keeps the reason."""
+    elapsed = verdict.window_end - verdict.window_start
+    if verdict.decision != "inconclusive" or elapsed < max_duration_s:
+        return verdict
+    reason = f"no decision within {max_duration_s:g}s: {verdict.reason}"
+    evidence = dict(verdict.evidence, timed_out=True)
+    return Verdict(verdict.gate, verdict.kind, "fail", reason, evidence, verdict.window_start,
+                   verdict.window_end, verdict.checked_at)
+
+
+# ---- reading data through the Backend ------------------------------------------------------------
+
+def to_datetime(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def fetch_samples(ctx: GateContext, deployment: str) -> list[RequestSample]:
+    """Live (not mirrored) requests served by `deployment` in the window."""
+    samples = ctx.backend.request_samples(ctx.endpoint, deployment=deployment, start=to_datetime(ctx.start),
+                                          end=to_datetime(ctx.now), include_mirrored=False)
+    return [s for s in samples if s.deployment == deployment and not s.mirrored]
+
+
+def require_prod(ctx: GateContext) -> str:
+    if not ctx.prod:
+        raise Inconclusive("there is no PROD deployment to compare the RC with")
+    return ctx.prod
+
+
+def require_samples(counts: dict[str, int], minimum: int) -> None:
+    """Inconclusive unless every deployment has `minimum` samples; the reason names who is short."""
+    short = {name: n for name, n in counts.items() if n < minimum}
+    if short:
+        detail = ", ".join(f"{name} has {n}" for name, n in short.items())
+        raise Inconclusive(f"too few samples: {detail} (need {minimum} per deployment)",
+                           {"n": counts, "min_samples": minimum})
+
+
+def json_safe(value: Any) -> Any:
+    """numpy scalars -> Python, inf/nan -> strings, so evidence survives json.dumps and summary.json."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    return value
+
+
+def is_error(status_code: int) -> bool:
+    """An error as the seed's gates count it: any answer outside 2xx (throttling and timeouts too)."""
+    return not 200 <= status_code < 300
+

@@ -1,0 +1,73 @@
+"""Run a list of gates to a decision: look at every undecided gate each poll until all pass or one fails."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from saferollout.errors import GateFailed
+from saferollout.gates.base import Gate, GateContext, Verdict, expire
+
+
+@dataclass
+class GateReport:
+    """The outcome of a gate step: its decision, the final verdict per gate and every look."""
+
+    decision: str  # pass | fail
+    verdicts: list[Verdict]
+    history: list[Verdict]
+    started_at: float
+    ended_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision, "verdicts": [v.to_dict() for v in self.verdicts],
+                "history": [v.to_dict() for v in self.history], "started_at": self.started_at,
+                "ended_at": self.ended_at}
+
+    def raise_if_failed(self) -> None:
+        failing = [v for v in self.verdicts if v.decision != "pass"]
+        if self.decision == "fail" and failing:
+            first = failing[0]
+            raise GateFailed(f"gate {first.gate!r} ({first.kind}) failed: {first.reason}", verdict=first)
+
+
+def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | None, *,
+              start: float | None = None, poll_s: float = 2.0,
+              progress: Callable[[str], None] | None = None,
+              clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> GateReport:
+    """Look at every undecided gate each `poll_s`; the first fail ends the run, all passes pass it.
+
+    A gate still inconclusive at its `max_duration_s` fails. `clock` and `sleep` are injectable so tests
+    and the benchmark run on simulated time.
+    """
+    if not gates:
+        raise ValueError("run_gates needs at least one gate")
+    start = clock() if start is None else start
+    started_at = clock()
+    latest: dict[str, Verdict] = {}
+    history: list[Verdict] = []
+    while True:
+        ctx = GateContext(backend=backend, endpoint=endpoint, rc=rc, prod=prod, start=start, now=clock())
+        for gate in gates:
+            if gate.name in latest and latest[gate.name].decision == "pass":
+                continue
+            verdict = expire(gate.check(ctx), gate.max_duration_s)
+            latest[gate.name] = verdict
+            history.append(verdict)
+            if verdict.decision == "fail":
+                _report(progress, ctx, gates, latest)
+                return GateReport("fail", [latest[g.name] for g in gates if g.name in latest], history,
+                                  started_at, clock())
+        _report(progress, ctx, gates, latest)
+        if all(latest[g.name].decision == "pass" for g in gates):
+            return GateReport("pass", [latest[g.name] for g in gates], history, started_at, clock())
+        sleep(poll_s)
+
+
+def _report(progress, ctx: GateContext, gates: list[Gate], latest: dict[str, Verdict]) -> None:
+    if progress is None:
+        return
+    n = next((v.evidence.get("n") for v in latest.values() if isinstance(v.evidence.get("n"), dict)), None)
+    counts = ", ".join(f"{k} {v}" for k, v in n.items()) if n else "n unknown"
+    states = "; ".join(f"{g.name}: {latest[g.name].decision}" for g in gates if g.name in latest)
+    progress(f"{ctx.elapsed_s:.0f}s elapsed, n per deployment: {counts} | {states}")
