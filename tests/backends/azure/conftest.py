@@ -1,0 +1,31 @@
+"""Fixtures for the Azure backend's own tests: a fresh fake workspace per test (cheap: no processes)."""
+from __future__ import annotations
+
+import pytest
+
+from fakes.azure_ml import fake_clients
+from saferollout.backends.azure import AzureBackend
+from saferollout.specs import load_deployment_spec, load_endpoint_spec
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """(ml_client, metrics_client, http_session) of a fresh fake workspace."""
+    return fake_clients(tmp_path / "workspace")
+
+
+@pytest.fixture
+def azure(fake) -> AzureBackend:
+    ml_client, metrics_client, session = fake
+    return AzureBackend(ml_client=ml_client, metrics_client=metrics_client, http_session=session,
+                        poll_interval_s=0.01)
+
+
+@pytest.fixture
+def served(azure, credit_model_dir, example_dir):
+    """An endpoint `ep-served` whose deployment `blue` (the example, credit model v1) has all the traffic."""
+    azure.register_model("credit-model", str(credit_model_dir), properties={"auc": "0.8"})
+    azure.create_endpoint(load_endpoint_spec(example_dir / "endpoint.yml", name="ep-served"))
+    azure.create_deployment(load_deployment_spec(example_dir / "deployment.yml", endpoint_name="ep-served"))
+    azure.update_endpoint("ep-served", traffic={"blue": 100})
+    return "ep-served"
