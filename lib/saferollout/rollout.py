@@ -6,7 +6,7 @@ Every function reads that state, decides, acts, and returns the state it left be
 run alone (one CI job per step), run twice, or resume after the runner was killed at any point.
 
 Rules every transition keeps:
-- PROD is never deleted, and never left without 100% of the traffic it had minus what the RC took;
+- PROD is never deleted, and its traffic and its tag change in the same update;
 - traffic (live or mirrored) only ever grows on a deployment that is Succeeded;
 - the tag that names a deployment is written after the deployment exists and removed after it is gone,
   so a crash in between leaves a state `read_state` still understands (a stale tag is ignored);
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
 from saferollout.backends.base import Backend, Deployment, Endpoint, Progress
-from saferollout.errors import Conflict, DeploymentFailed, GateFailed, NotFound, BackendError
+from saferollout.errors import BackendError, Conflict, DeploymentFailed, GateFailed, NotFound
 from saferollout.specs import DeploymentSpec, EndpointSpec, parse_model_ref
 
 PROD_TAG = "PROD_DEPLOYMENT"
