@@ -41,10 +41,12 @@ class Run:
 
     @property
     def error_line(self) -> str:
+        """The one `error:` line, last on stderr (progress lines of long operations may precede it)."""
         lines = self.err.strip().splitlines()
-        assert len(lines) == 1, f"expected one error line, got: {self.err!r}"
-        assert lines[0].startswith("error: ")
-        return lines[0]
+        errors = [line for line in lines if line.startswith("error")]
+        assert len(errors) == 1 and lines[-1] == errors[0], f"expected one final error line, got: {self.err!r}"
+        assert "Traceback" not in self.err
+        return errors[0]
 
 
 @pytest.fixture(autouse=True)
@@ -593,6 +595,25 @@ def test_deployment_create_with_a_bad_model_path_exits_2_and_creates_nothing(sr,
              "-n", "teal", "--set", "model=./no-such-model")
     assert run.code == 2 and "model path does not exist" in run.error_line
     assert [d.name for d in local_backend.list_deployments(served.endpoint)] == ["blue", "green"]
+
+
+def test_deployment_whose_scoring_script_fails_exits_1_pointing_at_its_logs(sr, local_backend, served, tmp_path,
+                                                                             example_dir):
+    (tmp_path / "score.py").write_text("def init():\n    raise RuntimeError('no model here')\n\n"
+                                       "def run(raw_data):\n    return raw_data\n")
+    try:
+        run = sr("online-deployment", "create", "-f", example_dir / "deployment.yml", "-e", served.endpoint,
+                 "-n", "broken", "--set", f"code_configuration.code={tmp_path}", "--set",
+                 f"model=azureml:{served.model}:1")
+        assert run.code == 1 and run.out == ""
+        assert run.error_line.startswith(f"error: deployment 'broken' on {served.endpoint!r} failed: ")
+        assert run.error_line.endswith(f"see `saferollout online-deployment get-logs -e {served.endpoint} -n broken`")
+        assert local_backend.get_deployment(served.endpoint, "broken").provisioning_state == "Failed"
+        assert local_backend.get_endpoint(served.endpoint).traffic.get("broken", 0) == 0
+        logs = sr("online-deployment", "get-logs", "-e", served.endpoint, "-n", "broken").out
+        assert "no model here" in logs
+    finally:
+        assert sr("online-deployment", "delete", "-e", served.endpoint, "-n", "broken", "-y").code == 0
 
 
 def test_deployment_create_on_a_missing_endpoint_exits_1(sr, example_dir, unique_name):

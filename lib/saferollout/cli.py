@@ -39,6 +39,7 @@ imports inside the handler: every `saferollout` invocation imports the registere
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -46,9 +47,10 @@ import sys
 import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from saferollout.errors import BackendError, Conflict, SafeRolloutError, SpecError, UsageError
+from saferollout.errors import (BackendError, Conflict, DeploymentFailed, SafeRolloutError, SpecError,
+                                UsageError)
 from saferollout.output import OUTPUT_FORMATS, compile_query, emit
 
 EXTRA_COMMAND_MODULES: list[str] = ["saferollout.traffic", "saferollout.runbook"]
@@ -536,12 +538,23 @@ def deployment_create(args: argparse.Namespace, backend: Callable[[], Any]) -> i
         _note(f"deployment {spec.name!r} on {spec.endpoint_name!r} is {dep.provisioning_state}; follow it with "
               f"`saferollout online-deployment show -e {spec.endpoint_name} -n {spec.name}`")
         return 0
-    with _Progress(f"creating deployment {spec.name!r} on endpoint {spec.endpoint_name!r}") as progress:
+    with _Progress(f"creating deployment {spec.name!r} on endpoint {spec.endpoint_name!r}") as progress, \
+            _logs_hint(spec.endpoint_name, spec.name):
         dep = platform.create_deployment(spec, wait=True, progress=progress)
     if args.all_traffic:
         platform.update_endpoint(spec.endpoint_name, traffic={spec.name: 100})
         _note(f"endpoint {spec.endpoint_name!r}: {spec.name}=100")
     return _print(args, dep)
+
+
+@contextlib.contextmanager
+def _logs_hint(endpoint: str, name: str) -> Iterator[None]:
+    """A deployment that failed to start says where its logs are, still in one line."""
+    try:
+        yield
+    except DeploymentFailed as exc:
+        exc.args = (f"{exc}; see `saferollout online-deployment get-logs -e {endpoint} -n {name}`",)
+        raise
 
 
 def _deployment_as_yaml(dep: Any) -> dict[str, Any]:
@@ -579,7 +592,8 @@ def deployment_update(args: argparse.Namespace, backend: Callable[[], Any]) -> i
         dep = platform.update_deployment(spec, wait=False)
         _note(f"deployment {spec.name!r} on {spec.endpoint_name!r} is {dep.provisioning_state}")
         return 0
-    with _Progress(f"updating deployment {spec.name!r} on endpoint {spec.endpoint_name!r}") as progress:
+    with _Progress(f"updating deployment {spec.name!r} on endpoint {spec.endpoint_name!r}") as progress, \
+            _logs_hint(spec.endpoint_name, spec.name):
         dep = platform.update_deployment(spec, wait=True, progress=progress)
     return _print(args, dep)
 
