@@ -140,10 +140,28 @@ def test_backend_comes_from_the_flag_then_the_environment(monkeypatch):
 
 def test_backend_factory_makes_the_named_backend_once(monkeypatch):
     made = []
-    monkeypatch.setattr("saferollout.backends.get_backend", lambda name: made.append(name) or object())
-    factory = cli.BackendFactory("azure")
+    monkeypatch.setattr("saferollout.backends.get_backend",
+                        lambda name, **settings: made.append((name, settings)) or object())
+    factory = cli.BackendFactory("azure", {"resource_group": "rg"})
     assert factory() is factory()
-    assert made == ["azure"]
+    assert made == [("azure", {"resource_group": "rg"})]
+
+
+def test_az_workspace_flags_become_azure_settings_and_are_ignored_locally(sr, monkeypatch):
+    made = []
+
+    class Listing:
+        def list_endpoints(self):
+            return []
+
+    monkeypatch.setattr("saferollout.backends.get_backend",
+                        lambda name, **settings: made.append((name, settings)) or Listing())
+    run = sr("online-endpoint", "list", "--backend", "azure", "-g", "rg1", "-w", "ws1", "--subscription", "sub1")
+    assert run.code == 0 and run.json() == []
+    run = sr("online-endpoint", "list", "-g", "rg1", "-w", "ws1")
+    assert run.code == 0
+    assert made == [("azure", {"subscription_id": "sub1", "resource_group": "rg1", "workspace_name": "ws1"}),
+                    ("local", {})]
 
 
 # ---- --set / --remove and the metrics window ------------------------------------------------

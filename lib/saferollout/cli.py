@@ -11,8 +11,9 @@ Replace `az ml` by `saferollout` in a script and it runs against the local platf
 
 Flags follow `az ml` (`-n`, `-e`, `-f`, `--set`, `--remove`, `--traffic`, `--query`, `-o`...), and
 argparse's prefix matching gives az's abbreviations (`--endpoint` for `--endpoint-name`). az's
-workspace flags (`-g`, `-w`, `--subscription`) are accepted so scripts run unchanged; the backend takes
-its settings from the environment (`SAFEROLLOUT_HOME` for local, the Azure helper's variables for azure).
+workspace flags (`-g`, `-w`, `--subscription`) are accepted so scripts run unchanged: the Azure backend
+takes them as its settings (else its environment variables), the local backend ignores them (its one
+workspace is `SAFEROLLOUT_HOME`, default `./.saferollout`).
 
 Exit codes: 0 success, 2 usage or spec errors (`UsageError`, `SpecError`), 1 every other failure.
 Failures print exactly one line, `error: <message>`, on stderr; `--debug` adds the traceback.
@@ -790,18 +791,32 @@ def metrics_query(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
 
 # ---- entry point ----------------------------------------------------------------------------
 
+# az's workspace flags -> the Azure backend's settings (the local backend has one workspace: SAFEROLLOUT_HOME)
+AZURE_SETTINGS_FLAGS = {"subscription": "subscription_id", "resource_group": "resource_group",
+                        "workspace_name": "workspace_name"}
+
+
 class BackendFactory:
     """Makes the chosen backend on first use and hands the same one out afterwards."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, settings: dict[str, Any] | None = None):
         self.name = name
+        self.settings = dict(settings or {})
         self._backend: Any = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BackendFactory":
+        settings = {}
+        if args.backend == "azure":
+            settings = {key: getattr(args, flag) for flag, key in AZURE_SETTINGS_FLAGS.items()
+                        if getattr(args, flag, None)}
+        return cls(args.backend, settings)
 
     def __call__(self) -> Any:
         if self._backend is None:
             from saferollout.backends import get_backend
 
-            self._backend = get_backend(self.name)
+            self._backend = get_backend(self.name, **self.settings)
         return self._backend
 
 
@@ -816,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         compile_query(args.query)  # a bad --query fails before anything changes
-        return int(args.handler(args, BackendFactory(args.backend)) or 0)
+        return int(args.handler(args, BackendFactory.from_args(args)) or 0)
     except SafeRolloutError as exc:
         if debug:
             traceback.print_exc()
