@@ -88,7 +88,7 @@ def _build_one(entry: dict, defaults: dict, where: str) -> GateBase:
     cls = KINDS[kind]
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    where = f"gate {entry.get('name') or where} ({kind})"
+    where = f"gate {entry['name']!r} ({kind})" if entry.get("name") else f"{where} ({kind})"
     unknown = sorted(set(entry) - fields - {"kind"})
     if unknown:
         raise SpecError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")

@@ -25,8 +25,9 @@ class GateReport:
                 "ended_at": self.ended_at}
 
     def raise_if_failed(self) -> None:
-        failing = [v for v in self.verdicts if v.decision != "pass"]
-        if self.decision == "fail" and failing:
+        """Raise GateFailed carrying the first failing verdict (a failed run always has one)."""
+        failing = [v for v in self.verdicts if v.decision == "fail"]
+        if self.decision == "fail":
             first = failing[0]
             raise GateFailed(f"gate {first.gate!r} ({first.kind}) failed: {first.reason}", verdict=first)
 

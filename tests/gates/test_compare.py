@@ -1,0 +1,86 @@
+"""The comparative gate: known-answer tests, samples and aggregates modes, missing data, its error bound."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from saferollout.gates.compare import CompareGate, compare_errors, compare_latency
+
+from fake_backend import T0, FakeBackend, lognormal, stream
+
+
+def backend(rc_error_rate=0.005, rc_latency=None, rc_n=300, prod_n=2700, **kwargs):
+    return FakeBackend(stream("blue", prod_n, T0, T0 + 200, error_rate=0.005, seed=3)
+                       + stream("green", rc_n, T0, T0 + 200, error_rate=rc_error_rate, latency=rc_latency, seed=4),
+                       **kwargs)
+
+
+def test_fisher_exact_when_no_degradation_is_allowed():
+    decision, reason, evidence = compare_errors(200, 12, 1800, 9, margin_points=0, alpha=0.01)
+    expected = stats.fisher_exact([[12, 188], [9, 1791]], alternative="greater").pvalue
+    assert decision == "fail" and evidence["test"] == "fisher_exact"
+    assert evidence["p_value"] == pytest.approx(expected)
+    assert "the RC is worse than PROD +0 points" in reason
+
+
+def test_two_proportion_test_shifted_by_the_margin():
+    decision, _, evidence = compare_errors(1000, 20, 9000, 90, margin_points=0.5, alpha=0.01)
+    z = (0.02 - 0.01 - 0.005) / np.sqrt(0.02 * 0.98 / 1000 + 0.01 * 0.99 / 9000)
+    assert decision == "pass" and evidence["p_value"] == pytest.approx(stats.norm.sf(z))
+
+
+def test_as_good_as_prod_passes():
+    decision, reason, _ = compare_errors(300, 1, 2700, 14, margin_points=0.5, alpha=0.01)
+    assert decision == "pass" and "no significant degradation beyond +0.5 points" in reason
+
+
+def test_latency_fails_only_when_the_ratio_and_the_u_test_agree():
+    rng = np.random.default_rng(0)
+    prod = rng.lognormal(4, 0.4, 2000)
+    assert compare_latency(prod[:300] * 1.5, prod, quantile=0.9, max_ratio=1.2, alpha=0.01)[0] == "fail"
+    decision, reason, evidence = compare_latency(prod[:300] * 1.1, prod, quantile=0.9, max_ratio=1.2, alpha=0.01)
+    assert decision == "pass" and reason.endswith("within the allowed ratio")
+    assert evidence["p_value"] < 0.01  # slower, significantly, but within the allowed degradation
+
+
+def test_gate_waits_for_min_samples_then_decides(context):
+    gate = CompareGate(metric="errors", min_samples=400)
+    verdict = gate.check(context(backend(), 200))
+    assert verdict.decision == "inconclusive"
+    assert verdict.reason == "too few samples: green has 300 (need 400 per deployment)"
+    assert CompareGate(metric="errors").check(context(backend(rc_error_rate=0.08), 200)).decision == "fail"
+
+
+def test_gate_on_latency_samples(context):
+    verdict = CompareGate(metric="latency").check(context(backend(rc_latency=lognormal(sigma=0.4, scale=1.6)), 200))
+    assert verdict.decision == "fail" and verdict.evidence["test"] == "mann_whitney_u"
+
+
+def test_aggregates_mode_counts_errors_from_requests_per_minute(context):
+    fake = backend(rc_error_rate=0.08, raw_samples=False)
+    gate = CompareGate(metric="errors", mode="aggregates")
+    assert gate.needs_samples is False
+    verdict = gate.check(context(fake, 200))
+    assert verdict.decision == "fail" and verdict.evidence["mode"] == "aggregates"
+    exact = CompareGate(metric="errors").check(context(backend(rc_error_rate=0.08), 200))
+    assert verdict.evidence["errors"] == exact.evidence["errors"] and verdict.evidence["n"] == exact.evidence["n"]
+
+
+def test_aggregates_mode_latency_uses_per_interval_percentiles(context):
+    slow = CompareGate(metric="latency", mode="aggregates").check(context(backend(rc_latency=lognormal(scale=1.6)), 200))
+    assert slow.decision == "fail" and slow.evidence["metric"] == "RequestLatency_P90"
+    same = CompareGate(metric="latency", mode="aggregates").check(context(backend(rc_latency=lognormal()), 200))
+    assert same.decision == "pass"
+
+
+def test_aggregates_without_traffic_are_inconclusive(context):
+    verdict = CompareGate(metric="errors", mode="aggregates").check(context(FakeBackend(), 200))
+    assert verdict.decision == "inconclusive"
+    assert verdict.reason == "too few samples: green has 0, blue has 0 (need 200 per deployment)"
+
+
+def test_false_rollback_of_the_fixed_sample_test_stays_below_alpha():
+    rng = np.random.default_rng(5)
+    runs, alpha = 2000, 0.01
+    fails = sum(compare_errors(200, int(rng.binomial(200, 0.01)), 1800, int(rng.binomial(1800, 0.01)),
+                               margin_points=0.5, alpha=alpha)[0] == "fail" for _ in range(runs))
+    assert fails / runs <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / runs)
