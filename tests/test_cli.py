@@ -345,6 +345,18 @@ def test_update_sets_and_removes_tags_and_description(sr, local_backend, unique_
     local_backend.delete_endpoint(name)
 
 
+def test_update_from_a_file_applies_its_tags_and_description(sr, local_backend, tmp_path, unique_name):
+    name = unique_name("cli")
+    local_backend.create_endpoint(cli_endpoint_spec(name, tags={"old": "1"}, description="before"))
+    path = tmp_path / "endpoint.yml"
+    path.write_text(f"name: {name}\nauth_mode: key\ndescription: after\ntags:\n  project: saferollout\n")
+    run = sr("online-endpoint", "update", "-f", path, "--set", "tags.extra=yes")
+    assert run.code == 0, run.err
+    endpoint = local_backend.get_endpoint(name)
+    assert (endpoint.description, endpoint.tags) == ("after", {"project": "saferollout", "extra": "yes"})
+    local_backend.delete_endpoint(name)
+
+
 def test_update_refuses_fields_that_cannot_change(sr, local_backend, unique_name):
     name = unique_name("cli")
     local_backend.create_endpoint(cli_endpoint_spec(name))
@@ -638,6 +650,13 @@ def test_deployment_create_on_a_missing_endpoint_exits_1(sr, example_dir, unique
     name = unique_name("cli")
     run = sr("online-deployment", "create", "-f", example_dir / "deployment.yml", "-e", name, "-n", "blue")
     assert run.code == 1 and name in run.error_line and "not found" in run.error_line
+
+
+def test_deployment_update_from_a_file_for_a_missing_deployment_exits_1(sr, local_backend, served, example_dir):
+    run = sr("online-deployment", "update", "-f", example_dir / "deployment.yml", "-e", served.endpoint,
+             "-n", "purple", "--set", f"model=azureml:{served.model}:1")
+    assert run.code == 1 and "purple" in run.error_line and "not found" in run.error_line
+    assert [d.name for d in local_backend.list_deployments(served.endpoint)] == ["blue", "green"]
 
 
 def test_all_traffic_with_no_wait_is_a_usage_error(sr, local_backend, served, example_dir):
