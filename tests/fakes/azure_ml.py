@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ class FakeOnlineEndpointOperations:
                 raise not_found(f"Resource Microsoft.MachineLearningServices/workspaces/onlineEndpoints/{name} "
                                 "was not found.")
             del state["endpoints"][name]
-            state["deployments"].pop(name, None)
+            for deployment in state["deployments"].pop(name, {}):
+                self._state.log_path(name, deployment).unlink(missing_ok=True)
             state["tokens"] = {t: v for t, v in state["tokens"].items() if v["endpoint"] != name}
         return done(None)
 
@@ -257,10 +259,10 @@ class FakeOnlineDeploymentOperations:
             raise bad_request(f"Scoring script {code.scoring_script} was not found in {code_dir}.")
         model_id, model_dir = self._model(endpoint, name, deployment.model)
         previous = self._state.read()["deployments"][endpoint].get(name)
-        generation = (previous["generation"] + 1) if previous else 1
+        generation, uid = ((previous["generation"] + 1) if previous else 1), uuid.uuid4().hex
         record = {
-            "name": name, "generation": generation, "model_id": model_id, "model_dir": model_dir,
-            "code_dir": str(self._state.snapshot_code(endpoint, name, generation, code_dir)),
+            "name": name, "generation": generation, "uid": uid, "model_id": model_id, "model_dir": model_dir,
+            "code_dir": str(self._state.snapshot_code(endpoint, name, uid, code_dir)),
             "scoring_script": str(code.scoring_script),
             "environment_id": f"{self._state.workspace_id()}/environments/CliV2AnonymousEnvironment/versions/1",
             "instance_type": deployment.instance_type or "Standard_DS3_v2",
@@ -303,6 +305,7 @@ class FakeOnlineDeploymentOperations:
             if record["mirror_traffic"].get(name, 0) > 0:
                 raise bad_request(f"Deployment '{name}' receives mirror traffic and cannot be deleted.")
             del state["deployments"][endpoint_name][name]
+        self._state.log_path(endpoint_name, name).unlink(missing_ok=True)  # a new deployment starts fresh logs
         return done(None)
 
 

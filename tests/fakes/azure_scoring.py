@@ -47,11 +47,11 @@ def patched_environ(values: dict[str, str]) -> Iterator[None]:
 
 
 class ScoringRuntime:
-    """Loaded scoring scripts of this process, one per (endpoint, deployment, generation)."""
+    """Loaded scoring scripts of this process, one per deployment version (its `uid`)."""
 
     def __init__(self, state: FakeWorkspaceState):
         self.state = state
-        self._modules: dict[tuple[str, str, int], ModuleType] = {}
+        self._modules: dict[tuple[str, str, str], ModuleType] = {}
 
     @staticmethod
     def environment(record: dict[str, Any]) -> dict[str, str]:
@@ -62,13 +62,13 @@ class ScoringRuntime:
 
     def load(self, endpoint: str, record: dict[str, Any]) -> ModuleType:
         """Import and init() the script (raises what init() raises: the deployment then fails)."""
-        key = (endpoint, record["name"], int(record["generation"]))
+        key = (endpoint, record["name"], record["uid"])  # a re-created deployment is a new container
         module = self._modules.get(key)
         if module is not None:
             return module
         script = Path(record["code_dir"]) / record["scoring_script"]
         spec = importlib.util.spec_from_file_location(
-            f"fake_azure_score_{endpoint}_{record['name']}_{record['generation']}".replace("-", "_"), script)
+            f"fake_azure_score_{endpoint}_{record['name']}_{record['uid']}".replace("-", "_"), script)
         module = importlib.util.module_from_spec(spec)
         with patched_environ(self.environment(record)):
             spec.loader.exec_module(module)

@@ -107,8 +107,9 @@ class FakeWorkspaceState:
             shutil.copy2(source, target / source.name)
         return target
 
-    def snapshot_code(self, endpoint: str, deployment: str, generation: int, code: Path) -> Path:
-        target = self.root / "code" / endpoint / deployment / str(generation)
+    def snapshot_code(self, endpoint: str, deployment: str, version: str, code: Path) -> Path:
+        """Code is uploaded once per deployment version and never changes afterwards."""
+        target = self.root / "code" / endpoint / deployment / version
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(code, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints"))
