@@ -337,7 +337,7 @@ def test_missing_file_exits_2(sr, tmp_path):
 def test_update_sets_and_removes_tags_and_description(sr, local_backend, unique_name):
     name = unique_name("cli")
     local_backend.create_endpoint(cli_endpoint_spec(name, tags={"keep": "1", "drop": "2"}))
-    run = sr("online-endpoint", "update", "-n", name, "--set", "tags.owner=me", "--set", "description=new one",
+    run = sr("online-endpoint", "update", "-n", name, "--set", "tags.owner=me", "description=new one",
              "--remove", "tags.drop")
     assert run.code == 0, run.err
     assert run.json()["tags"] == {"keep": "1", "owner": "me"} and run.json()["description"] == "new one"

@@ -53,6 +53,8 @@ from typing import Any, Callable, Iterator, Sequence
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, SafeRolloutError, SpecError,
                                 UsageError)
 from saferollout.output import OUTPUT_FORMATS, compile_query, emit
+from saferollout.specs import (deployment_spec_from_dict, endpoint_spec_from_dict, load_model_spec, parse_traffic,
+                               read_yaml, validate_model_name)
 
 EXTRA_COMMAND_MODULES: list[str] = ["saferollout.traffic", "saferollout.runbook"]
 BACKEND_ENV = "SAFEROLLOUT_BACKEND"
@@ -146,8 +148,8 @@ def _endpoint_name(leaf: ArgumentParser, required: bool = True) -> None:
 
 
 def _set_remove(leaf: ArgumentParser, remove: bool = True) -> None:
-    leaf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="set a property, e.g. tags.owner=me, traffic.blue=100, instance_count=2")
+    leaf.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="set properties, e.g. tags.owner=me traffic.blue=100 instance_count=2")
     if remove:
         leaf.add_argument("--remove", action="append", default=[], metavar="KEY",
                           help="remove a property, e.g. tags.owner")
@@ -389,18 +391,10 @@ def _confirm(args: argparse.Namespace, what: str) -> None:
     raise UsageError(f"deleting {what} needs confirmation and no terminal is attached: pass --yes")
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    from saferollout.specs import read_yaml
-
-    return read_yaml(path)
-
-
 # ---- online-endpoint ------------------------------------------------------------------------
 
 def endpoint_create(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
-    from saferollout.specs import endpoint_spec_from_dict
-
-    data = _read_yaml(args.file) if args.file else {}
+    data = read_yaml(args.file) if args.file else {}
     if args.name:
         data["name"] = args.name
     if args.auth_mode:
@@ -421,12 +415,10 @@ def endpoint_list(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
 
 
 def endpoint_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
-    from saferollout.specs import endpoint_spec_from_dict, parse_traffic
-
     from_file: dict[str, Any] = {}
     name = args.name
     if args.file:
-        raw = _read_yaml(args.file)
+        raw = read_yaml(args.file)
         if name:
             raw["name"] = name
         spec = endpoint_spec_from_dict(raw, f"endpoint file {args.file}")
@@ -516,7 +508,7 @@ def endpoint_regenerate_keys(args: argparse.Namespace, backend: Callable[[], Any
 
 def _deployment_data_from_file(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     path = Path(args.file)
-    data = _read_yaml(args.file)
+    data = read_yaml(args.file)
     if args.name:
         data["name"] = args.name
     if args.endpoint_name:
@@ -525,8 +517,6 @@ def _deployment_data_from_file(args: argparse.Namespace) -> tuple[dict[str, Any]
 
 
 def deployment_create(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
-    from saferollout.specs import deployment_spec_from_dict
-
     if args.all_traffic and args.no_wait:
         raise UsageError("--all-traffic needs the deployment ready before traffic moves: drop --no-wait")
     data, base_dir = _deployment_data_from_file(args)
@@ -572,8 +562,6 @@ def _deployment_as_yaml(dep: Any) -> dict[str, Any]:
 
 
 def deployment_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
-    from saferollout.specs import deployment_spec_from_dict
-
     if args.file:
         data, base_dir = _deployment_data_from_file(args)
     else:
@@ -634,9 +622,7 @@ def _model_version(text: str | None) -> int | None:
 def _model_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.file:
-        from saferollout.specs import load_model_spec
-
-        raw = _read_yaml(args.file)
+        raw = read_yaml(args.file)
         spec = load_model_spec(args.file)
         data = {"name": spec.name, "path": spec.path, "description": spec.description, "tags": spec.tags,
                 "properties": spec.properties, "type": spec.type}
@@ -652,8 +638,6 @@ def _model_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_create(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
-    from saferollout.specs import validate_model_name
-
     data = _model_data(args)
     if not data.get("name") or not data.get("path"):
         raise UsageError("model create needs --name and --path (or a --file holding both)")
