@@ -729,21 +729,21 @@ def test_console_script_not_found_is_one_line_and_exit_1(platform_home, unique_n
     assert "Traceback" not in result.stderr
 
 
-def test_local_start_status_stop_on_a_fresh_workspace(tmp_path):
-    env = dict(os.environ, SAFEROLLOUT_HOME=str(tmp_path / "ws"))
+def test_local_start_status_stop_on_a_fresh_workspace(sr, tmp_path, monkeypatch):
+    home = tmp_path / "ws"
+    monkeypatch.setenv("SAFEROLLOUT_HOME", str(home))
     try:
-        started = _script("local", "start", env=env)
-        assert started.returncode == 0, started.stderr
-        assert json.loads(started.stdout)["running"] is True and "starting the local platform" in started.stderr
-        status = _script("local", "status", "--query", "[[running, endpoints]]", "-o", "tsv", env=env)
-        assert status.stdout == "True\t0\n"
-        stopped = _script("local", "stop", env=env)
-        assert stopped.returncode == 0 and "stopped the local platform" in stopped.stderr
-        assert json.loads(_script("local", "status", env=env).stdout)["running"] is False
-        again = _script("local", "stop", env=env)
-        assert again.returncode == 0 and "no local platform was running" in again.stderr
+        started = sr("local", "start")
+        assert started.code == 0, started.err
+        assert started.json()["running"] is True and "starting the local platform" in started.err
+        assert sr("local", "status", "--query", "[[running, endpoints]]", "-o", "tsv").out == "True\t0\n"
+        stopped = sr("local", "stop")
+        assert stopped.code == 0 and stopped.err.strip() == f"stopped the local platform for {home}"
+        assert sr("local", "status").json() == {"running": False, "home": str(home)}
+        again = sr("local", "stop")
+        assert again.code == 0 and again.err.strip() == f"no local platform was running for {home}"
     finally:
-        stop_platform(tmp_path / "ws")
+        stop_platform(home)
 
 
 AZ_SCRIPT = """\

@@ -297,7 +297,7 @@ def _print(args: argparse.Namespace, result: Any) -> int:
 
 def _note(message: str) -> None:
     """A progress or status line on stderr (stdout stays parseable)."""
-    _console().print(message, highlight=False, markup=False)
+    _console().print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def _console() -> Any:
@@ -319,14 +319,14 @@ class _Progress:
             self.status = self.console.status(self.title)
             self.status.__enter__()
         else:
-            self.console.print(self.title, highlight=False, markup=False)
+            self.console.print(self.title, highlight=False, markup=False, soft_wrap=True)
         return self
 
     def __call__(self, line: str) -> None:
         if self.status is not None:
             self.status.update(line)
         else:
-            self.console.print(line, highlight=False, markup=False)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self.status is not None:
