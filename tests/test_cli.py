@@ -357,6 +357,15 @@ def test_update_from_a_file_applies_its_tags_and_description(sr, local_backend, 
     local_backend.delete_endpoint(name)
 
 
+def test_update_with_tags_that_are_not_a_mapping_exits_2_and_changes_nothing(sr, local_backend, unique_name):
+    name = unique_name("cli")
+    local_backend.create_endpoint(cli_endpoint_spec(name, tags={"a": "1"}))
+    run = sr("online-endpoint", "update", "-n", name, "--set", "tags=5")
+    assert run.code == 2 and run.error_line == "error: tags must be a mapping of names to values, got 5"
+    assert local_backend.get_endpoint(name).tags == {"a": "1"}
+    local_backend.delete_endpoint(name)
+
+
 def test_update_refuses_fields_that_cannot_change(sr, local_backend, unique_name):
     name = unique_name("cli")
     local_backend.create_endpoint(cli_endpoint_spec(name))
@@ -469,6 +478,13 @@ def test_model_create_with_a_taken_or_skipped_version_changes_nothing(sr, local_
     run = sr("model", "create", "-n", model, "-p", credit_model_dir, "--version", "5")
     assert run.code == 2 and "the next version of" in run.error_line and "not 5" in run.error_line
     assert [m.version for m in local_backend.list_models(model)] == [1]
+
+
+def test_model_properties_that_are_not_a_mapping_exit_2_and_register_nothing(sr, local_backend, credit_model_dir):
+    model = f"cli-model-{uuid.uuid4().hex[:8]}"
+    run = sr("model", "create", "-n", model, "-p", credit_model_dir, "--set", "properties=[1, 2]")
+    assert run.code == 2 and run.error_line == "error: properties must be a mapping of names to values, got [1, 2]"
+    assert local_backend.list_models(model) == []
 
 
 def test_model_show_errors(sr, credit_model_dir):
@@ -684,7 +700,7 @@ def test_metrics_split_by_deployment_counts_every_request(sr, local_backend, ser
             assert local_backend.invoke(served.endpoint, body, deployment=deployment).status == 200
 
     def totals():
-        run = sr("metrics", "-e", served.endpoint, "--metric", "RequestsPerMinute", "--aggregation", "Total",
+        run = sr("metrics", "-e", served.endpoint, "--metric", "requestsperminute", "--aggregation", "total",
                  "--interval", "PT5S", "--start-time", start, "--split-by", "deployment",
                  "--query", "[].{d: dimensions.deployment, n: sum(points[?value != null].value)}")
         assert run.code == 0, run.err

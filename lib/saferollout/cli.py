@@ -50,6 +50,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from saferollout.backends.base import AGGREGATIONS, METRIC_NAMES
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, SafeRolloutError, SpecError,
                                 UsageError)
 from saferollout.output import OUTPUT_FORMATS, compile_query, emit
@@ -380,6 +381,15 @@ def apply_remove(data: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     return data
 
 
+def string_map(value: Any, what: str) -> dict[str, str]:
+    """Tags and properties: a mapping of names to string values (None becomes '')."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{what} must be a mapping of names to values, got {json.dumps(value)}")
+    return {str(k): "" if v is None else str(v) for k, v in value.items()}
+
+
 def _confirm(args: argparse.Namespace, what: str) -> None:
     if args.yes:
         return
@@ -451,7 +461,7 @@ def endpoint_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int
     if "mirror_traffic" in changes:
         changes["mirror_traffic"] = parse_traffic(changes["mirror_traffic"], "mirror_traffic")
     if "tags" in changes:
-        changes["tags"] = {str(k): "" if v is None else str(v) for k, v in (changes["tags"] or {}).items()}
+        changes["tags"] = string_map(changes["tags"], "tags")
     if "description" in changes:
         changes["description"] = "" if changes["description"] is None else str(changes["description"])
     result = backend().update_endpoint(name, **changes) if changes else current
@@ -652,8 +662,8 @@ def model_create(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
     platform = backend()
     extra = _supported_model_options(platform, name, version, model_type)
     model = platform.register_model(name, str(path.resolve()), description=str(data.get("description") or ""),
-                                    tags={str(k): str(v) for k, v in (data.get("tags") or {}).items()},
-                                    properties={str(k): str(v) for k, v in (data.get("properties") or {}).items()},
+                                    tags=string_map(data.get("tags"), "tags"),
+                                    properties=string_map(data.get("properties"), "properties"),
                                     **extra)
     return _print(args, model)
 
@@ -757,6 +767,11 @@ def metrics_window(timespan: str | None, start_time: str | None, end_time: str |
     return start, end
 
 
+def _canonical(name: str, known: Sequence[str]) -> str:
+    """Azure Monitor reads metric and aggregation names case-insensitively; so do we."""
+    return next((item for item in known if item.lower() == name.lower()), name)
+
+
 def metrics_query(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
     start, end = metrics_window(args.timespan, args.start_time, args.end_time)
     platform = backend()
@@ -766,8 +781,10 @@ def metrics_query(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
         return _print(args, platform.request_samples(args.endpoint_name, deployment=args.deployment_name,
                                                      start=start, end=end, include_mirrored=args.include_mirrored))
     series: list[Any] = []
+    aggregation = _canonical(args.aggregation, AGGREGATIONS)
     for metric in args.metrics:
-        series.extend(platform.query_metrics(args.endpoint_name, metric, aggregation=args.aggregation,
+        series.extend(platform.query_metrics(args.endpoint_name, _canonical(metric, METRIC_NAMES),
+                                             aggregation=aggregation,
                                              grain=args.grain, start=start, end=end, filter=args.filter,
                                              split_by=args.split_by))
     return _print(args, series)
