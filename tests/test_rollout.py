@@ -316,6 +316,30 @@ def test_a_stale_lock_can_be_broken_and_force_breaks_any(local_backend, endpoint
     assert rollout.LOCK_TAG not in local_backend.get_endpoint(endpoint).tags
 
 
+def test_of_runs_racing_for_the_lock_one_wins_and_the_others_are_told_who(local_backend, endpoint):
+    outcomes: dict[str, str] = {}
+
+    def contend(owner: str) -> None:
+        try:
+            rollout.acquire_lock(local_backend, endpoint, owner, "race")
+            outcomes[owner] = "won"
+        except Conflict as exc:
+            outcomes[owner] = str(exc)
+
+    threads = [threading.Thread(target=contend, args=(f"runner-{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    winners = [owner for owner, outcome in outcomes.items() if outcome == "won"]
+    assert len(outcomes) == 3 and len(winners) == 1, outcomes
+    holder = rollout.read_state(local_backend, endpoint).lock["owner"]
+    assert winners == [holder]
+    # each loser is told who held the lock when it looked (the last writer wins, so that may be a runner
+    # that lost to a later write in turn)
+    assert all(f"is locked by runner-" in outcome for owner, outcome in outcomes.items() if owner != holder)
+
+
 def test_lock_keeps_the_endpoints_other_tags(local_backend, endpoint):
     before = dict(local_backend.get_endpoint(endpoint).tags)
     rollout.acquire_lock(local_backend, endpoint, "ci", "r")

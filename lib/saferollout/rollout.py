@@ -46,6 +46,7 @@ FINGERPRINT_TAG = "fingerprint"  # hash of what it runs: model, code, environmen
 
 DEPLOYMENT_NAMES = ("blue", "green")  # the RC takes the name PROD does not use
 DEPLOY_TIMEOUT_S = float(os.environ.get("SAFEROLLOUT_DEPLOY_TIMEOUT_S", "900"))
+LOCK_SETTLE_S = 0.5  # pause between writing the lock and reading it back (see acquire_lock)
 MAX_TAG_CHARS = 256  # Azure's limit for a tag value
 
 
@@ -268,7 +269,7 @@ def acquire_lock(backend: Backend, endpoint: str, owner: str, run_id: str = "", 
         return held
     lock = {"owner": owner, "since": now, "run": run_id}
     _update(backend, endpoint, set_tags={LOCK_TAG: json.dumps(lock, separators=(",", ":"))})
-    time.sleep(0.2)  # let a racing writer land before we read back
+    time.sleep(LOCK_SETTLE_S)  # let a racing writer land before we read back
     mine = _parse_lock(backend.get_endpoint(endpoint).tags.get(LOCK_TAG))
     if mine != lock:
         raise Conflict(_lock_message(endpoint, mine or {"owner": "unknown"}, 0.0))
