@@ -108,6 +108,17 @@ def test_invalid_choice_exits_2_naming_the_flag(sr, unique_name):
     assert run.code == 2 and "argument --key-type: invalid choice: 'tertiary'" in run.error_line
 
 
+@pytest.mark.parametrize("argv, flag, message", [
+    (["online-endpoint", "show", "-n", "a/b"], "-n/--name", "invalid endpoint name 'a/b'"),
+    (["online-deployment", "list", "-e", "x"], "-e/--endpoint-name", "invalid endpoint name 'x'"),
+    (["online-deployment", "show", "-e", "credit", "-n", "blue_1"], "-n/--name", "invalid deployment name 'blue_1'"),
+    (["model", "show", "-n", "x/y"], "-n/--name", "invalid model name 'x/y'"),
+])
+def test_invalid_names_are_usage_errors_naming_the_flag(sr, argv, flag, message):
+    run = sr(*argv)
+    assert run.code == 2 and f"argument {flag}: {message}" in run.error_line
+
+
 def test_help_exits_0(sr):
     run = sr("online-deployment", "create", "--help")
     assert run.code == 0 and "--all-traffic" in run.out and "--endpoint-name" in run.out
@@ -363,6 +374,14 @@ def test_update_with_tags_that_are_not_a_mapping_exits_2_and_changes_nothing(sr,
     run = sr("online-endpoint", "update", "-n", name, "--set", "tags=5")
     assert run.code == 2 and run.error_line == "error: tags must be a mapping of names to values, got 5"
     assert local_backend.get_endpoint(name).tags == {"a": "1"}
+    local_backend.delete_endpoint(name)
+
+
+def test_update_remove_tags_clears_them(sr, local_backend, unique_name):
+    name = unique_name("cli")
+    local_backend.create_endpoint(cli_endpoint_spec(name, tags={"a": "1", "b": "2"}))
+    run = sr("online-endpoint", "update", "-n", name, "--remove", "tags")
+    assert run.code == 0 and run.json()["tags"] == {}
     local_backend.delete_endpoint(name)
 
 

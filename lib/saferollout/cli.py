@@ -55,7 +55,7 @@ from saferollout.errors import (BackendError, Conflict, DeploymentFailed, SafeRo
                                 UsageError)
 from saferollout.output import OUTPUT_FORMATS, compile_query, emit
 from saferollout.specs import (deployment_spec_from_dict, endpoint_spec_from_dict, load_model_spec, parse_traffic,
-                               read_yaml, validate_model_name)
+                               read_yaml, validate_model_name, validate_name)
 
 EXTRA_COMMAND_MODULES: list[str] = ["saferollout.traffic", "saferollout.runbook"]
 BACKEND_ENV = "SAFEROLLOUT_BACKEND"
@@ -140,12 +140,23 @@ def _verb(verbs: Any, name: str, help_text: str, common: ArgumentParser, handler
     return leaf
 
 
+def name_type(what: str) -> Callable[[str], str]:
+    """An argparse `type` that checks a name by Azure's rules, so `-n a/b` is a usage error naming the flag."""
+    def check(value: str) -> str:
+        try:
+            return validate_model_name(value) if what == "model" else validate_name(value, what)
+        except SpecError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    check.__name__ = f"{what} name"
+    return check
+
+
 def _name(leaf: ArgumentParser, what: str, required: bool = True) -> None:
-    leaf.add_argument("-n", "--name", required=required, help=f"{what} name")
+    leaf.add_argument("-n", "--name", required=required, type=name_type(what), help=f"{what} name")
 
 
 def _endpoint_name(leaf: ArgumentParser, required: bool = True) -> None:
-    leaf.add_argument("-e", "--endpoint-name", required=required, help="endpoint name")
+    leaf.add_argument("-e", "--endpoint-name", required=required, type=name_type("endpoint"), help="endpoint name")
 
 
 def _set_remove(leaf: ArgumentParser, remove: bool = True) -> None:
@@ -190,7 +201,8 @@ def _endpoint_commands(commands: Any, common: ArgumentParser) -> None:
                  endpoint_invoke)
     _name(leaf, "endpoint")
     leaf.add_argument("-r", "--request-file", required=True, help="file holding the request body")
-    leaf.add_argument("-d", "--deployment-name", help="send to this deployment, bypassing the traffic split")
+    leaf.add_argument("-d", "--deployment-name", type=name_type("deployment"),
+                      help="send to this deployment, bypassing the traffic split")
     leaf = _verb(verbs, "get-credentials", "Show the endpoint's keys or token.", common, endpoint_credentials)
     _name(leaf, "endpoint")
     leaf = _verb(verbs, "regenerate-keys", "Regenerate the primary or secondary key.", common,
@@ -279,7 +291,7 @@ def _metrics_command(commands: Any, common: ArgumentParser) -> None:
     leaf.add_argument("--filter", help="e.g. \"deployment eq 'green' and statusCodeClass ne '2xx'\"")
     leaf.add_argument("--split-by", nargs="+", default=[], metavar="DIMENSION", help="e.g. deployment")
     leaf.add_argument("--samples", action="store_true", help="print raw per-request samples instead")
-    leaf.add_argument("-d", "--deployment-name", help="samples of this deployment only")
+    leaf.add_argument("-d", "--deployment-name", type=name_type("deployment"), help="samples of this deployment only")
     leaf.add_argument("--include-mirrored", action="store_true", help="samples: include mirrored requests")
 
 
@@ -455,6 +467,8 @@ def endpoint_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int
     wanted.update(flags)
     apply_set(wanted, args.set)
     apply_remove(wanted, args.remove)
+    for key, empty in (("traffic", {}), ("mirror_traffic", {}), ("tags", {}), ("description", "")):
+        wanted.setdefault(key, empty)  # `--remove tags` clears them
     changes = {key: wanted[key] for key in ENDPOINT_UPDATABLE if wanted[key] != before[key]}
     if "traffic" in changes:
         changes["traffic"] = parse_traffic(changes["traffic"])
