@@ -460,13 +460,19 @@ def endpoint_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int
             raise SpecError(f"cannot update {key!r} of an endpoint: only {', '.join(ENDPOINT_UPDATABLE)} "
                             "can change")
     current = backend().get_endpoint(name)
+    changes = endpoint_changes(current, {**from_file, **flags}, args.set, args.remove)
+    result = backend().update_endpoint(name, **changes) if changes else current
+    return _print(args, result)
+
+
+def endpoint_changes(current: Any, overrides: dict[str, Any], sets: Sequence[str],
+                     removes: Sequence[str]) -> dict[str, Any]:
+    """What `update` must change on an endpoint: the file's and flags' values, then --set, then --remove."""
     before = {"traffic": dict(current.traffic), "mirror_traffic": dict(current.mirror_traffic),
               "tags": dict(current.tags), "description": current.description}
-    wanted = json.loads(json.dumps(before))
-    wanted.update(from_file)
-    wanted.update(flags)
-    apply_set(wanted, args.set)
-    apply_remove(wanted, args.remove)
+    wanted = {**json.loads(json.dumps(before)), **overrides}
+    apply_set(wanted, sets)
+    apply_remove(wanted, removes)
     for key, empty in (("traffic", {}), ("mirror_traffic", {}), ("tags", {}), ("description", "")):
         wanted.setdefault(key, empty)  # `--remove tags` clears them
     changes = {key: wanted[key] for key in ENDPOINT_UPDATABLE if wanted[key] != before[key]}
@@ -478,8 +484,7 @@ def endpoint_update(args: argparse.Namespace, backend: Callable[[], Any]) -> int
         changes["tags"] = string_map(changes["tags"], "tags")
     if "description" in changes:
         changes["description"] = "" if changes["description"] is None else str(changes["description"])
-    result = backend().update_endpoint(name, **changes) if changes else current
-    return _print(args, result)
+    return changes
 
 
 def endpoint_delete(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
