@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from saferollout.backends.local.metrics import aggregate, grain_seconds, parse_filter
 from saferollout.errors import SpecError
+from saferollout.specs import EndpointSpec
 
 from echo_platform import deploy_all, echo_spec, new_endpoint
 
@@ -147,3 +148,18 @@ def test_gateway_serves_prometheus_metrics(local_backend, served):
               for s in family.samples if s.name == "saferollout_requests_total" and s.labels["endpoint"] == endpoint}
     assert counts == {("blue", "2xx", "false"): 12, ("broken", "4xx", "false"): 3}
     assert f'saferollout_request_latency_seconds_count{{deployment="blue",endpoint="{endpoint}"}} 12.0' in text
+
+
+def test_a_deleted_endpoint_takes_its_metrics_with_it(local_backend):
+    endpoint = new_endpoint(local_backend)
+    deploy_all(local_backend, [echo_spec(endpoint, "blue")])
+    local_backend.update_endpoint(endpoint, traffic={"blue": 100})
+    start = time.time()
+    assert local_backend.invoke(endpoint, {"x": 1}).status == 200
+    assert len(local_backend.request_samples(endpoint, start=start, end=time.time() + 1)) == 1
+    local_backend.delete_endpoint(endpoint)
+    local_backend.create_endpoint(EndpointSpec(name=endpoint))
+    try:
+        assert local_backend.request_samples(endpoint, start=start, end=time.time() + 1) == []
+    finally:
+        local_backend.delete_endpoint(endpoint)

@@ -216,6 +216,8 @@ class Platform:
             await self.runtimes.pop(key).stop()
         self.gateway.remove_route(name)
         self.store.delete_endpoint(name)
+        # its metrics go with it, as on Azure: a new endpoint of the same name starts with no history
+        await asyncio.to_thread(self.request_log.delete_endpoint, name)
 
     def credentials(self, name: str) -> dict[str, Any]:
         record = self.store.get_endpoint(name)

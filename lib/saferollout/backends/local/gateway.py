@@ -79,6 +79,7 @@ class DeploymentPool:
         self.in_flight = 0
         self.failed = False  # a Failed deployment is never routed to
         self._changed = asyncio.Condition()
+        self._waiting = 0
 
     @property
     def admission_limit(self) -> int:
@@ -100,9 +101,13 @@ class DeploymentPool:
         """Wait for a ready instance with a free slot (the caller bounds the wait with its timeout)."""
         inst = self._pick()
         if inst is None:
-            async with self._changed:
-                while (inst := self._pick()) is None:
-                    await self._changed.wait()
+            self._waiting += 1
+            try:
+                async with self._changed:
+                    while (inst := self._pick()) is None:
+                        await self._changed.wait()
+            finally:
+                self._waiting -= 1
         inst.in_flight += 1
         return inst
 
@@ -111,8 +116,9 @@ class DeploymentPool:
         self.notify()
 
     def notify(self) -> None:
-        """Wake waiters (a slot freed, or an instance became ready)."""
-        asyncio.get_running_loop().create_task(self._notify())
+        """Wake waiters (a slot freed, or an instance became ready); free when nobody waits."""
+        if self._waiting:
+            asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -123,6 +123,10 @@ class Instance:
         if cfg.model_dir:
             env["AZUREML_MODEL_DIR"] = cfg.model_dir
         env.setdefault("WORKER_COUNT", "1")
+        # Instances share this machine's cores (on Azure each has its own VM): one math thread each unless the
+        # deployment or the environment says otherwise, so idle BLAS threads do not spin on shared cores.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
         env["PYTHONUNBUFFERED"] = "1"
         cfg.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(cfg.log_path, "ab")
