@@ -262,6 +262,16 @@ def test_extra_module_that_does_not_exist_yet_is_skipped(sr, monkeypatch):
     assert run.code == 2 and "invalid choice: 'no_such_command_module'" in run.error_line
 
 
+def test_extra_module_without_register_is_skipped(sr, tmp_path, monkeypatch):
+    name = _write_module(tmp_path, """
+        def helper():
+            return 1
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "EXTRA_COMMAND_MODULES", [name])
+    assert sr("local", "status", "-o", "none").code == 0
+
+
 def test_extra_module_with_a_broken_import_is_not_hidden(tmp_path, monkeypatch):
     name = _write_module(tmp_path, """
         import a_dependency_nobody_installed_4d2f  # noqa: F401

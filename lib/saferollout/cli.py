@@ -15,8 +15,10 @@ workspace flags (`-g`, `-w`, `--subscription`) are accepted so scripts run uncha
 takes them as its settings (else its environment variables), the local backend ignores them (its one
 workspace is `SAFEROLLOUT_HOME`, default `./.saferollout`).
 
-Exit codes: 0 success, 2 usage or spec errors (`UsageError`, `SpecError`), 1 every other failure.
-Failures print exactly one line, `error: <message>`, on stderr; `--debug` adds the traceback.
+Exit codes: 0 success, 2 usage or spec errors (`UsageError`, `SpecError`), 1 every other failure
+(including an unreachable platform), 130 when interrupted. Failures print exactly one line,
+`error: <message>`, on stderr; `--debug` adds the traceback. Progress of long operations goes to
+stderr too, so stdout stays parseable.
 
 Extending the command (the contract for `saferollout traffic`, `saferollout run` and later ones)
 -----------------------------------------------------------------------------------------------
