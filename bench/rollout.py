@@ -209,9 +209,10 @@ def markdown(result: dict[str, Any]) -> str:
     if runner:
         params = runner["healthy"]["parameters"]
         lines += [f"### With the runner (`saferollout run runbooks/safe_rollout.yaml`)", "",
-                  f"Quick gate windows: `gate_window_s={params['gate_window_s']}`, "
-                  f"`bake_window_s={params['bake_window_s']}`, steps `{params['traffic_steps']}`. Each step is "
-                  "a notebook executed by papermill in a fresh kernel, so every step pays a kernel start.", ""]
+                  f"The runbook's default gates and windows (`gate_window_s={params['gate_window_s']}` at most "
+                  f"per gate, `bake_window_s={params['bake_window_s']}`, steps `{params['traffic_steps']}`); "
+                  "each run trains and registers its own model first. Each step is a notebook executed by "
+                  "papermill in a fresh kernel, so every step pays a kernel start.", ""]
         lines += _steps_table("Healthy rollout", runner["healthy"], "wall_s")
         lines += [_client_line(runner["healthy"]), ""]
         lines += _steps_table("Rollback (RC with `fault=errors`)", runner["rollback"], "wall_s")
@@ -289,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rps", type=float, default=15.0, help="live traffic during the rollout (default 15)")
     parser.add_argument("--direct-only", action="store_true", help="measure the state machine alone")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the docs section from bench/results/rollout.json without measuring")
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = json.loads(RESULTS.read_text())
+        result["verdict"] = verdict(result)
+        write_docs(markdown(result))
+        return 0
 
     from saferollout.backends.local.daemon import stop_platform
 
