@@ -89,16 +89,23 @@ class ScoringRuntime:
         self.state.append_log(endpoint, record["name"], "Scoring script init() completed; ready for requests")
         return None
 
-    def run(self, endpoint: str, record: dict[str, Any], body: bytes) -> tuple[int, bytes]:
-        """-> (model server status, body). A raising run() is a 500 from the model server."""
+    def run(self, endpoint: str, record: dict[str, Any], body: bytes) -> tuple[int, bytes, float]:
+        """-> (model server status, body, milliseconds in run()). A raising run() is a 500.
+
+        Only run() is timed: a container's init() happens before it takes traffic, and waiting for this
+        process's environment lock is an artefact of the fake, not latency a deployment would show."""
+        started = None
         try:
             module = self.load(endpoint, record)
             with patched_environ(self.environment(record)):
+                started = time.perf_counter()
                 answer = module.run(body.decode("utf-8"))
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
         except BaseException as exc:  # noqa: BLE001 - the model server turns any error into a 500
+            elapsed_ms = 0.0 if started is None else (time.perf_counter() - started) * 1000.0
             self.state.append_log(endpoint, record["name"], "run() failed:\n" + traceback.format_exc(limit=3))
-            return 500, json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode()
-        return 200, (answer if isinstance(answer, bytes) else json.dumps(answer).encode())
+            return 500, json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode(), elapsed_ms
+        return 200, (answer if isinstance(answer, bytes) else json.dumps(answer).encode()), elapsed_ms
 
 
 def _response(status: int, body: bytes, headers: dict[str, str], url: str) -> requests.Response:
@@ -188,17 +195,16 @@ class FakeScoringSession:
 
     def _serve(self, endpoint: str, deployment: dict[str, Any], body: bytes, request_id: str, mirrored: bool,
                url: str) -> requests.Response:
-        started, arrival = time.perf_counter(), time.time()
+        arrival = time.time()
         headers = {DEPLOYMENT_HEADER: deployment["name"], "x-request-id": request_id, "x-ms-request-id": request_id}
         if not deployment.get("serving"):  # its first version never started: nothing can answer
-            status, payload, model_status = 424, json.dumps(
-                {"message": f"deployment {deployment['name']!r} failed and cannot serve requests"}).encode(), None
+            status, payload, model_status, latency_ms = 424, json.dumps(
+                {"message": f"deployment {deployment['name']!r} failed and cannot serve requests"}).encode(), None, 0.0
         else:
-            model_status, payload = self.runtime.run(endpoint, deployment, body)
+            model_status, payload, latency_ms = self.runtime.run(endpoint, deployment, body)
             status = 200 if model_status == 200 else 424
             if status != 200:
                 headers["ms-azureml-model-error-statuscode"] = str(model_status)
-        latency_ms = (time.perf_counter() - started) * 1000.0
         self.state.record_request((arrival, endpoint, deployment["name"], status, latency_ms, int(mirrored),
                                    request_id, model_status))
         return _response(status, payload, headers, url)
