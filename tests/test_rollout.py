@@ -200,7 +200,12 @@ def test_candidate_goes_through_every_phase_to_a_completed_rollout(local_backend
 
 def test_traffic_moves_to_the_rc_only_after_its_smoke_test_and_stops_mirroring_to_it(
         local_backend, released, spec, models):
-    rollout.deploy_candidate(local_backend, released, spec, models[1])
+    # an RC at 0% left by an abandoned run, with other settings, is replaced by the new candidate
+    slow = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "latency"})
+    rollout.deploy_candidate(local_backend, released, slow, models[1])
+    state = rollout.deploy_candidate(local_backend, released, spec, models[1])
+    assert (state.phase, state.rc) == (Phase.RC_CREATED, "green")
+    assert local_backend.get_deployment(released, "green").environment_variables["SAFEROLLOUT_FAULT"] == "none"
     with pytest.raises(Conflict, match="cannot shift traffic on .* in phase RC_CREATED: smoke-test the RC first"):
         rollout.shift_traffic(local_backend, released, 10)
     with pytest.raises(Conflict, match="cannot promote on .* in phase RC_CREATED: smoke-test the RC first"):
@@ -250,6 +255,8 @@ def test_rollback_from_shifting_leaves_prod_at_100_and_the_rc_tagged_failed(
     rollout.deploy_candidate(local_backend, endpoint, spec, models[1])
     rollout.mark_smoke_tested(local_backend, endpoint)
     rollout.shift_traffic(local_backend, endpoint, 50)
+    with pytest.raises(Conflict, match="deployment 'green' on .* serves another candidate .* at 50%: roll it back first"):
+        rollout.deploy_candidate(local_backend, endpoint, crashing(spec), models[1])
     rollout.acquire_lock(local_backend, endpoint, "ci", "run-1")
     state = rollout.rollback(local_backend, endpoint, "gate at 50% failed: p99 latency 900 ms > 500 ms")
     assert (state.phase, state.prod, state.rc, state.failed_rc) == (Phase.ROLLED_BACK, "blue", None, "green")

@@ -212,10 +212,10 @@ class LoadGenerator:
         index = 0
         assert self._pool is not None
         while not self._stop.is_set():
-            due = origin + index / self.rps
-            if due - origin >= limit:
+            offset = index / self.rps  # seconds after the start (compared as such: no float drift)
+            if offset >= limit:
                 break
-            delay = due - time.monotonic()
+            delay = origin + offset - time.monotonic()
             if delay > 0 and self._stop.wait(delay):
                 break
             with self._lock:
