@@ -39,6 +39,16 @@ def test_update_changes_instance_count(backend, live_endpoint, deployments):
     assert backend.get_deployment(live_endpoint, "green").instance_count == 1
 
 
+def test_update_sets_deployment_tags(backend, live_endpoint, deployments):
+    spec = deployments.spec(live_endpoint, "green")
+    try:
+        backend.update_deployment(spec.with_changes(tags={"role": "rc", "model": "credit:2"}))
+        assert backend.get_deployment(live_endpoint, "green").tags == {"role": "rc", "model": "credit:2"}
+    finally:
+        backend.update_deployment(spec)
+    assert backend.get_deployment(live_endpoint, "green").tags == {}
+
+
 def test_logs_show_the_scoring_server(backend, live_endpoint):
     logs = backend.get_deployment_logs(live_endpoint, "blue", lines=200)
     assert isinstance(logs, str) and logs.strip()
@@ -78,3 +88,10 @@ def test_deployment_without_scoring_script_is_refused(backend, live_endpoint, de
     with pytest.raises(SpecError, match="code_configuration"):
         backend.create_deployment(spec)
     assert "nocode" not in [d.name for d in backend.list_deployments(live_endpoint)]
+
+
+def test_invalid_deployment_name_is_refused(backend, live_endpoint, deployments):
+    spec = deployments.spec(live_endpoint, "green").with_changes(name="Bad_Name!")
+    with pytest.raises(SpecError, match="invalid deployment name 'Bad_Name!'"):
+        backend.create_deployment(spec)
+    assert [d.name for d in backend.list_deployments(live_endpoint)] == ["blue", "green", "red"]

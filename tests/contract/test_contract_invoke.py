@@ -1,5 +1,7 @@
 """The data plane through the protocol: routing by traffic, the deployment header, who answered, errors."""
 import json
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -69,3 +71,23 @@ def test_endpoint_without_traffic_answers_404(backend, make_endpoint, request_bo
 def test_regenerated_key_is_picked_up_by_the_same_client(backend, live_endpoint, request_body):
     backend.regenerate_keys(live_endpoint, "primary")
     assert backend.invoke(live_endpoint, request_body).status == 200
+
+
+def test_mirrored_requests_reach_the_mirror_but_never_answer_the_client(backend, live_endpoint, request_body):
+    start = datetime.now(timezone.utc)
+    try:
+        backend.update_endpoint(live_endpoint, mirror_traffic={"green": 50})
+        served = {backend.invoke(live_endpoint, request_body).deployment for _ in range(30)}
+    finally:
+        backend.update_endpoint(live_endpoint, mirror_traffic={})
+    assert served == {"blue"}
+    mirrored = 0.0
+    for _ in range(50):  # the mirror answers in the background: wait for it, boundedly (at most ~10 s)
+        series = backend.query_metrics(live_endpoint, "RequestsPerMinute", aggregation="Total", start=start,
+                                       end=datetime.now(timezone.utc) + timedelta(seconds=1),
+                                       filter="deployment eq 'green'")
+        mirrored = sum(p.value or 0 for s in series for p in s.points)
+        if mirrored:
+            break
+        time.sleep(0.2)
+    assert mirrored > 0  # 30 requests at 50%: none mirrored with probability 0.5**30
