@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from saferollout import data, rollout, traffic
+from saferollout import cli, data, rollout, traffic
 from saferollout.errors import Conflict, DeploymentFailed, GateFailed, NotFound
 from saferollout.rollout import Phase, RolloutState, next_step
 from saferollout.specs import load_deployment_spec, load_endpoint_spec
@@ -437,3 +438,39 @@ def test_killing_the_rollout_at_each_step_and_running_it_again_completes_it(
     # clients saw no failure while the runner was killed over and over
     assert result.sent > 0 and result.failed == 0, result.to_dict()
     assert set(result.by_deployment) <= {"blue", "green"}
+
+
+# ---- the `saferollout rollout` command --------------------------------------------------------------
+
+def test_rollout_show_prints_the_state_and_what_a_resumed_run_would_do(endpoint, capsys):
+    assert cli.main(["rollout", "show", "-n", endpoint]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["endpoint"], shown["phase"], shown["prod"], shown["next_step"]) == (endpoint, "EMPTY", None, "deploy")
+
+
+def test_rollout_unlock_breaks_only_a_stale_lock_unless_forced(local_backend, endpoint, capsys):
+    rollout.acquire_lock(local_backend, endpoint, "dead-runner", "run-3")
+    assert cli.main(["rollout", "unlock", "-n", endpoint]) == 2
+    assert capsys.readouterr().err.strip() == ("error: say which lock to break: --older-than SECONDS (a stale one) "
+                                               "or --force (any)")
+    assert cli.main(["rollout", "unlock", "-n", endpoint, "--older-than", "3600"]) == 1
+    assert re.search(r"is held by dead-runner \(run run-3\) for \d+ s, not more than 3600 s: it is not stale; "
+                     "use --force", capsys.readouterr().err)
+    assert rollout.read_state(local_backend, endpoint).lock["owner"] == "dead-runner"
+    assert cli.main(["rollout", "unlock", "-n", endpoint, "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["released"]["owner"] == "dead-runner"
+    assert rollout.read_state(local_backend, endpoint).lock is None
+    assert cli.main(["rollout", "unlock", "-n", "ro-not-there", "--force"]) == 1
+    assert capsys.readouterr().err.strip() == "error: endpoint 'ro-not-there' not found"
+
+
+def test_the_lock_conflict_names_the_command_that_breaks_it(local_backend, endpoint):
+    rollout.acquire_lock(local_backend, endpoint, "alice@ci", "run-1")
+    with pytest.raises(Conflict, match=f"`saferollout rollout unlock -n {endpoint} --older-than SECONDS`"):
+        rollout.acquire_lock(local_backend, endpoint, "bob@ci", "run-2")
+
+
+def test_rollout_rollback_command_releases_the_lock(local_backend, endpoint, capsys):
+    rollout.acquire_lock(local_backend, endpoint, "ci", "run-4")
+    assert cli.main(["rollout", "rollback", "-n", endpoint, "--reason", "operator said so"]) == 0
+    assert json.loads(capsys.readouterr().out)["lock"] is None

@@ -59,7 +59,7 @@ from saferollout.output import OUTPUT_FORMATS, compile_query, emit
 from saferollout.specs import (deployment_spec_from_dict, endpoint_spec_from_dict, load_model_spec, parse_traffic,
                                read_yaml, validate_model_name, validate_name)
 
-EXTRA_COMMAND_MODULES: list[str] = ["saferollout.traffic", "saferollout.runbook"]
+EXTRA_COMMAND_MODULES: list[str] = ["saferollout.traffic", "saferollout.runbook", "saferollout.rollout"]
 BACKEND_ENV = "SAFEROLLOUT_BACKEND"
 MODEL_TYPES = ("custom_model", "mlflow_model", "triton_model")
 DEFAULT_METRICS_WINDOW = timedelta(hours=1)
