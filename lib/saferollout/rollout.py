@@ -11,6 +11,19 @@ Rules every transition keeps:
 - the tag that names a deployment is written after the deployment exists and removed after it is gone,
   so a crash in between leaves a state `read_state` still understands (a stale tag is ignored);
 - rollback is idempotent: it can run after any failure, any number of times.
+
+Endpoint tags (the state):
+    PROD_DEPLOYMENT        the deployment serving production
+    RC_DEPLOYMENT          the release candidate, from its creation until promotion or rollback
+    OLD_PROD_DEPLOYMENT    the former PROD after a promotion, kept at 0% for a rollback until the bake gate
+    ROLLOUT_LOCK           {"owner", "since", "run"} while a rollout runs
+    RC_SMOKE_TESTED        the RC's name once its smoke test passed (its traffic may grow from then on)
+    RC_GATES_PASSED        "10,50": the RC's traffic steps whose gate passed (so a resumed run skips them)
+    FAILED_RC_DEPLOYMENT   the candidate a rollback (or a failed start) left, kept for its logs
+    ROLLBACK_REASON        why
+Deployment tags (set at creation): role ("prod" for a first release, "rc"), model (the resolved model
+reference) and fingerprint (a hash of model, code, environment variables and sizing: two deployments
+with the same fingerprint are interchangeable, which is how a re-run recognises its own RC).
 """
 from __future__ import annotations
 
@@ -21,7 +34,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from saferollout.backends.base import Backend, Deployment, Endpoint, Progress
 from saferollout.errors import BackendError, Conflict, DeploymentFailed, GateFailed, NotFound
@@ -335,7 +348,7 @@ def deploy_candidate(backend: Backend, endpoint: str, spec: DeploymentSpec, mode
                         remove_tags=(SMOKE_TESTED_TAG, GATES_PASSED_TAG, FAILED_RC_TAG, ROLLBACK_REASON_TAG))
             return _wait_for_rc(backend, endpoint, name, progress)
         if same and state.rc == name:  # it failed and the run died before marking it: finish that now
-            return _fail_rc(backend, endpoint, name, existing.reason or "the deployment failed")
+            _fail_rc(backend, endpoint, name, existing.reason or "the deployment failed")
         if state.traffic.get(name, 0) > 0:
             raise Conflict(f"deployment {name!r} on {endpoint!r} serves another candidate "
                            f"({state.models.get(name)}) at {state.traffic[name]}%: roll it back first")
@@ -387,7 +400,7 @@ def _wait_for_rc(backend: Backend, endpoint: str, name: str, progress: Progress 
 
 
 def _fail_rc(backend: Backend, endpoint: str, name: str, reason: str,
-             cause: DeploymentFailed | None = None) -> RolloutState:
+             cause: DeploymentFailed | None = None) -> NoReturn:
     """A candidate that never became ready: no traffic, tagged failed, kept for its logs; then raise."""
     state = read_state(backend, endpoint)
     traffic = None
