@@ -126,7 +126,8 @@ def test_seed_preset_restores_the_seeds_gate_settings():
     book = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
     values = resolve_parameters(book, {"gate_preset": "seed"})
     gates = json.loads(values["gates"])
-    assert values["rps"] == 15 and all(g["intervals"] == 5 and g["grain"] == "PT1M" for g in gates)
+    assert values["rps"] == 15 and {g["preset"] for g in gates} == {"errors", "latency"}
+    assert all(g["intervals"] == 5 and g["grain"] == "PT1M" for g in gates)
 
 
 # ---- references and conditions --------------------------------------------------------------------------

@@ -124,26 +124,35 @@ def smoke(backend: Backend, endpoint_name: str, rc: str, n: int = 5) -> Any:
 
 
 # ---- gates -------------------------------------------------------------------------------------------
-def gate_config(backend: Backend, gates: str | list[dict] | None) -> list[dict] | str:
+def gate_config(backend: Backend, gates: str | list[dict] | None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> list[dict] | str:
     """The gate list to build: `auto` (or empty) picks DEFAULT_GATES, or AGGREGATE_GATES for a backend
     without raw per-request samples (Azure); `aggregate` and `bake` name those lists; anything else is a
-    gate list (or its JSON/YAML text) for build_gates."""
+    gate list (or its JSON/YAML text) for build_gates, taken as given.
+
+    `overrides` (gate kind -> settings) adjusts the named lists, e.g. the prediction agreement a new model
+    must keep with PROD: a different model family legitimately changes some decisions.
+    """
     from saferollout import gates as gate_module
 
     if gates in (None, "", "auto", "default"):
-        return gate_module.DEFAULT_GATES if backend.supports_raw_samples else gate_module.AGGREGATE_GATES
-    if gates == "aggregate":
-        return gate_module.AGGREGATE_GATES
-    if gates == "bake":
-        return bake_gates(backend)
-    return gates
+        chosen = gate_module.DEFAULT_GATES if backend.supports_raw_samples else gate_module.AGGREGATE_GATES
+    elif gates == "aggregate":
+        chosen = gate_module.AGGREGATE_GATES
+    elif gates == "bake":
+        chosen = bake_gates(backend)
+    else:
+        return gates
+    return [{**entry, **(overrides or {}).get(entry["kind"], {})} for entry in chosen]
 
 
-def choose_gates(backend: Backend, gates: str | list[dict] | None, window_s: float) -> list[Any]:
+def choose_gates(backend: Backend, gates: str | list[dict] | None, window_s: float,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """Build the configured gates (each limited to `window_s`) and refuse any the backend cannot feed."""
     from saferollout import gates as gate_module
 
-    built = gate_module.build_gates(gate_config(backend, gates), defaults={"max_duration_s": float(window_s)})
+    built = gate_module.build_gates(gate_config(backend, gates, overrides),
+                                    defaults={"max_duration_s": float(window_s)})
     return gate_module.gates_for_backend(built, backend)
 
 
@@ -229,7 +238,7 @@ def start_demo(backend: Backend, endpoint_name: str, *, rc_percent: int | None =
     ref = demo_model(backend, model_name)
     deploy(backend, endpoint_name, ref, progress=progress)
     if rc_percent is not None:
-        candidate = demo_model(backend, model_name, seed=7)
+        candidate = demo_model(backend, model_name)  # same data and seed: a new version that agrees with PROD
         outcome = deploy(backend, endpoint_name, candidate, fault=fault, progress=progress)
         smoke(backend, endpoint_name, outcome["rc"]).raise_if_failed()
         rollout.shift_traffic(backend, endpoint_name, rc_percent)
