@@ -69,3 +69,8 @@ def test_client_factory_from_the_environment_builds_the_clients(clean_env, tmp_p
 def test_bad_client_factory_is_refused_with_its_name(reference, message):
     with pytest.raises(SpecError, match=message):
         load_factory(reference)
+
+
+def test_an_unknown_setting_is_refused_rather_than_ignored(clean_env):
+    with pytest.raises(SpecError, match="unknown azure backend setting\\(s\\) workspace: use subscription_id"):
+        get_backend("azure", workspace="ws-typo")

@@ -20,7 +20,7 @@ from saferollout.backends.azure.entities import (credentials_from_sdk, deploymen
                                                  endpoint_entity, endpoint_from_sdk, model_entity,
                                                  model_from_sdk)
 from saferollout.backends.azure.errors import sdk_errors
-from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients
+from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients, build_metrics_client
 from saferollout.backends.base import (Credentials, Deployment, Endpoint, InvokeResult, MetricSeries, Model,
                                        Progress, RequestSample)
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, NotFound, SafeRolloutError,
@@ -44,9 +44,12 @@ class AzureBackend:
                  workspace_name: str | None = None, config_path: str | None = None,
                  client_factory: str | None = None, ml_client: Any = None, metrics_client: Any = None,
                  http_session: Any = None, credential: Any = None, poll_interval_s: float = 5.0,
-                 **extra: Any):
+                 **unknown: Any):
+        if unknown:  # a typo such as `workspace=` must not silently fall back to another workspace
+            raise SpecError(f"unknown azure backend setting(s) {', '.join(sorted(unknown))}: use subscription_id, "
+                            "resource_group, workspace_name, config_path or client_factory")
         self.settings = AzureSettings.resolve(subscription_id, resource_group, workspace_name, config_path,
-                                              client_factory, **extra)
+                                              client_factory)
         if ml_client is None:
             clients = build_clients(self.settings, credential)
         else:
@@ -70,8 +73,6 @@ class AzureBackend:
     @property
     def metrics_client(self) -> Any:
         if self._metrics_client is None:
-            from saferollout.backends.azure.settings import build_metrics_client
-
             self._metrics_client = build_metrics_client(self._credential)
         return self._metrics_client
 

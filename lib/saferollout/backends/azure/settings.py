@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from saferollout.errors import SpecError
@@ -35,20 +35,18 @@ class AzureSettings:
     workspace_name: str | None = None
     config_path: str | None = None
     client_factory: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def resolve(cls, subscription_id: str | None = None, resource_group: str | None = None,
                 workspace_name: str | None = None, config_path: str | None = None,
-                client_factory: str | None = None, **extra: Any) -> "AzureSettings":
+                client_factory: str | None = None) -> "AzureSettings":
         """Explicit settings win; the environment fills the gaps."""
         env = os.environ
         return cls(subscription_id=subscription_id or env.get(ENV_SUBSCRIPTION) or None,
                    resource_group=resource_group or env.get(ENV_RESOURCE_GROUP) or None,
                    workspace_name=workspace_name or env.get(ENV_WORKSPACE) or None,
                    config_path=config_path or env.get(ENV_CONFIG) or None,
-                   client_factory=client_factory or env.get(ENV_CLIENT_FACTORY) or None,
-                   extra=extra)
+                   client_factory=client_factory or env.get(ENV_CLIENT_FACTORY) or None)
 
     @property
     def names_workspace(self) -> bool:
