@@ -129,8 +129,9 @@ class FakeScoringSession:
     def close(self) -> None:
         pass
 
-    def post(self, url: str, data: bytes | str | None = None, json_body: Any = None, headers: dict | None = None,
+    def post(self, url: str, data: bytes | str | None = None, headers: dict | None = None,
              timeout: float | None = None, **kwargs: Any) -> requests.Response:
+        """Like `requests.Session.post` with a `data=` body (what AzureBackend.invoke sends)."""
         headers = CaseInsensitiveDict(headers or {})
         body = data if isinstance(data, bytes) else (data or "").encode()
         host = urlparse(url).hostname or ""
