@@ -188,6 +188,12 @@ def test_body_over_the_size_limit_is_413(local_backend, gw, uri):
     assert resp.json()["message"] == f"request body of {len(big)} bytes is over the limit of {1536 * 1024} bytes"
 
 
+def test_a_body_just_under_the_limit_goes_through_whole(local_backend, gw, uri):
+    text = "x" * (1536 * 1024 - 64)
+    resp = post(uri, {"data": text}, auth(local_backend, gw, **{"azureml-model-deployment": "blue"}))
+    assert resp.status_code == 200 and resp.json()["echo"] == {"data": text}
+
+
 def test_malformed_json_is_400_and_not_forwarded(local_backend, gw, uri):
     start = time.time()
     resp = post(uri, b'{"data": [1, 2', auth(local_backend, gw, **{"Content-Type": "application/json"}))
@@ -195,6 +201,33 @@ def test_malformed_json_is_400_and_not_forwarded(local_backend, gw, uri):
     assert resp.json()["message"].startswith("malformed JSON in request body: ")
     rid = resp.headers["x-request-id"]
     assert rid not in {s.request_id for s in local_backend.request_samples(gw, start=start, end=time.time() + 1)}
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"data": [1, 2', {"Content-Type": "application/json"}, 400,
+                       "malformed JSON in request body: Expecting ',' delimiter: line 1 column 15 (char 14)"),
+    "too large": (b'"' + b"x" * (1536 * 1024) + b'"', {"Content-Type": "application/json"}, 413,
+                  f"request body of {1536 * 1024 + 2} bytes is over the limit of {1536 * 1024} bytes"),
+    "no credentials": ({"x": 1}, {"Authorization": ""}, 401,
+                       "missing credentials: send 'Authorization: Bearer <key or token>'"),
+    "wrong key": ({"x": 1}, {"Authorization": "Bearer wrong"}, 401, "invalid key"),
+    "unknown deployment": ({"x": 1}, {"azureml-model-deployment": "nope"}, 404, "deployment 'nope' not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_a_bad_request_is_refused_and_changes_nothing(local_backend, gw, uri, case):
+    body, headers, status, message = BAD_REQUESTS[case]
+    before = local_backend.get_endpoint(gw), local_backend.get_credentials(gw), local_backend.list_deployments(gw)
+    start = time.time()
+    resp = post(uri, body, {**auth(local_backend, gw), **headers})
+    assert resp.status_code == status and resp.json()["message"].startswith(message)
+    after = local_backend.get_endpoint(gw), local_backend.get_credentials(gw), local_backend.list_deployments(gw)
+    assert after == before
+    # nothing was routed, so nothing was recorded against a deployment
+    assert resp.headers["x-request-id"] not in {
+        s.request_id for s in local_backend.request_samples(gw, start=start, end=time.time() + 1, include_mirrored=True)}
+    assert post(uri, {"x": 1}, auth(local_backend, gw)).status_code == 200
 
 
 @pytest.mark.parametrize("header, message", [

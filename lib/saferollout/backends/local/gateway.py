@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
@@ -165,7 +164,6 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.rng = rng or random.Random()
-        self.session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self.registry = CollectorRegistry()
         labels = ("endpoint", "deployment", "status_class", "mirrored")
@@ -180,19 +178,12 @@ class Gateway:
         app.router.add_post("/endpoints/{endpoint}/score", self.score)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/", self.health)
-        app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
-
-    async def _open(self, _app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def _close(self, _app: web.Application) -> None:
         for task in list(self._background):
             task.cancel()
-        if self.session is not None:
-            await self.session.close()
 
     def set_route(self, route: EndpointRoute) -> None:
         self.routes[route.name] = route  # one assignment: in-flight requests keep what they hold
@@ -289,10 +280,9 @@ class Gateway:
                              content_type: str) -> tuple[int, bytes, int | None]:
         inst = await pool.acquire()
         try:
-            async with self.session.post(inst.url, data=body, headers={"Content-Type": content_type}) as resp:
-                payload = await resp.read()
-                return (200 if resp.status == 200 else 424), payload, resp.status
-        except (aiohttp.ClientError, OSError) as exc:
+            status, payload = await inst.score(body, content_type)
+            return (200 if status == 200 else 424), payload, status
+        except OSError as exc:
             return 424, str(exc).encode(), None
         finally:
             pool.release(inst)

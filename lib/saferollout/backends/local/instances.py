@@ -94,6 +94,27 @@ class Instance:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    async def score(self, body: bytes, content_type: str) -> tuple[int, bytes]:
+        """POST `body` to this instance's /score: (HTTP status, answer). OSError if it cannot be reached.
+
+        One HTTP/1.0 exchange on a fresh connection, sent in one write. The inference server's gunicorn sync
+        worker closes every connection after one answer, so a pooling client has nothing to reuse; this
+        costs about 40% less CPU per request than aiohttp's client (measured for bench/gateway.py).
+        """
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"POST /score HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (content_type.encode("latin-1"), len(body), body))
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = int(head[0].split(" ", 2)[1])
+            length = next((int(line.split(":", 1)[1]) for line in head[1:]
+                           if line.lower().startswith("content-length:")), None)
+            return status, await (reader.read() if length is None else reader.readexactly(length))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+            raise ConnectionError(f"{self.name} sent an incomplete or malformed answer: {exc}") from exc
+        finally:
+            writer.close()
+
     def describe(self) -> dict:
         return {"name": self.name, "state": self.state, "port": self.port, "restarts": self.restarts,
                 "pid": self.process.pid if self.process else None, "reason": self.reason}
