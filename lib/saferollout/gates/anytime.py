@@ -22,7 +22,7 @@ from scipy import special, stats
 
 # Mixture priors. Any prior keeps the guarantees; it only decides where the test is most powerful.
 PROPORTION_PRIOR = (0.5, 0.5)       # Jeffreys: no favoured rate
-ERROR_RATE_PRIOR = (0.5, 50.0)      # error rates: Jeffreys' shape with mean ~1%, tight bounds on rare errors
+ERROR_RATE_PRIOR = (1.0, 200.0)     # error rates: mean 0.5%, so bounds on rare errors are tight
 QUANTILE_PRIOR_WEIGHT = 20.0        # quantile CS: Beta(q w, (1 - q) w), centred on the quantile's level
 ALTERNATIVE_PRIOR = (1.0, 3.0)      # harmful alternatives of one-sided e-values: weight on moderate harm
 _BISECTION_STEPS = 60

@@ -7,18 +7,19 @@ It is meant to be looked at continuously. Two bounds hold however often it looks
   than that passes with probability at most `beta`.
 Neither before `min_samples` per deployment; a gate undecided at `max_duration_s` fails.
 
-errors  (margin in percentage points)
+errors  (margin in percentage points: 3 by default)
   fail: of the E errors so far, X came from the RC. If both error rates are equal, each error comes from
         the RC with probability rho0 = RC's share of requests, so X ~ Binomial(E, rho0); the e-value is
         a truncated-Beta mixture over rho > rho0 (Lindon et al. 2022's count test, conditional form).
-  pass: upper end of the RC rate's CS minus lower end of PROD's (each at beta/2) below the margin.
-latency (margin as a ratio of the quantile, e.g. p90 at most 1.5x PROD)
+  pass: upper end of the RC rate's CS minus lower end of PROD's below the margin (the two CS share
+        beta: 0.8 beta for the RC, 0.2 beta for PROD, which has ~9x the data).
+latency (margin as a ratio of the quantile: p90 at most 1.5x PROD by default)
   fail: a request is "slow" when it takes longer than v, PROD's q-quantile over its first
         `calibration_samples` requests; on the requests that arrive after those, slow requests are
         counted like errors (same conditional test). v is fixed before the counted requests arrive,
         so the test is exact for a healthy RC (same latency distribution as PROD).
-  pass: upper end of the RC quantile's CS at most margin x lower end of PROD's (each at beta/2;
-        Howard & Ramdas 2022).
+  pass: upper end of the RC quantile's CS at most margin x lower end of PROD's (beta shared as for
+        errors; quantile CS of Howard & Ramdas 2022).
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ from saferollout.gates.anytime import ERROR_RATE_PRIOR, arm_count_log_e, bernoul
 from saferollout.gates.base import (GateBase, GateContext, fetch_samples, is_error, require_prod,
                                     require_samples)
 
-DEFAULT_ERROR_MARGIN_POINTS = 2.0
+DEFAULT_ERROR_MARGIN_POINTS = 3.0
+# The pass side's error budget beta is split between the RC's bound and PROD's: PROD has ~9x the data,
+# so its bound barely moves with a smaller share, while the RC's tightens (it passes sooner).
+RC_SHARE_OF_BETA = 0.8
 DEFAULT_LATENCY_MARGIN_RATIO = 1.5
 DEFAULT_CALIBRATION_SAMPLES = 200
 
@@ -39,8 +43,8 @@ DEFAULT_CALIBRATION_SAMPLES = 200
 def error_statistics(n_rc, x_rc, n_prod, x_prod, *, margin_points: float, alpha: float, beta: float):
     """Vectorised evidence on error counts: a dict of arrays with `fail` and `pass` flags."""
     log_e, rho0 = arm_count_log_e(x_rc, x_prod, n_rc, n_prod)
-    _, rc_high = bernoulli_cs(x_rc, n_rc, beta / 2, ERROR_RATE_PRIOR)
-    prod_low, _ = bernoulli_cs(x_prod, n_prod, beta / 2, ERROR_RATE_PRIOR)
+    _, rc_high = bernoulli_cs(x_rc, n_rc, RC_SHARE_OF_BETA * beta, ERROR_RATE_PRIOR)
+    prod_low, _ = bernoulli_cs(x_prod, n_prod, (1 - RC_SHARE_OF_BETA) * beta, ERROR_RATE_PRIOR)
     fail = log_e >= np.log(1 / alpha)
     passed = ~fail & (rc_high - prod_low < margin_points / 100.0)
     return {"log_e": log_e, "rho0": rho0, "rc_high": rc_high, "prod_low": prod_low,
@@ -89,8 +93,8 @@ def latency_statistics(rc_ts, rc_ms, prod_ts, prod_ms, *, quantile: float, margi
         counted = {"rc": int(rc_after.size), "prod": int(prod_after.size)}
         slow = {"rc": int(np.count_nonzero(rc_after > slow_ms)), "prod": int(np.count_nonzero(prod_after > slow_ms))}
         log_e, rho0 = (float(v) for v in arm_count_log_e(slow["rc"], slow["prod"], counted["rc"], counted["prod"]))
-    prod_low, _ = quantile_cs(prod_ms, quantile, beta / 2)
-    _, rc_high = quantile_cs(rc_ms, quantile, beta / 2)
+    prod_low, _ = quantile_cs(prod_ms, quantile, (1 - RC_SHARE_OF_BETA) * beta)
+    _, rc_high = quantile_cs(rc_ms, quantile, RC_SHARE_OF_BETA * beta)
     fail = log_e >= np.log(1 / alpha)
     passed = (not fail) and rc_high <= margin_ratio * prod_low
     return {"log_e": log_e, "rc_share": rho0, "slow_ms": slow_ms, "counted": counted, "slow": slow,
