@@ -17,6 +17,7 @@ process for the gates of a runbook.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -399,6 +400,8 @@ def traffic_command(args: Any, backend_factory: Callable[[], Any]) -> int:
         raise SpecError(f"--duration must be 0 (until stopped) or positive, got {args.duration:g}")
     if args.batch_size < 1:
         raise SpecError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # more requests in flight than the HTTP pool keeps is normal under load: not worth a warning each
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     backend = backend_factory()
     backend.get_endpoint(args.name)  # NotFound with the platform's message before any load is built
     bodies = data.sample_requests(data.split(seed=args.seed).X_test, args.batch_size)
