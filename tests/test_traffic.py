@@ -171,6 +171,22 @@ def test_background_generator_runs_until_stopped_and_leaves_its_results(live_end
     assert traffic.stop_background(proc).sent == result.sent  # stopping again only re-reads the results
 
 
+def test_background_generator_can_be_stopped_from_another_process_by_its_results_path(
+        live_endpoint, platform_home, tmp_path):
+    # a notebook kernel may stop the generator another kernel started: it knows the path, not the Popen
+    results = tmp_path / "traffic.jsonl"
+    proc = traffic.start_background(live_endpoint, 20, duration_s=None, results_path=results,
+                                    home=str(platform_home))
+    try:
+        result = traffic.stop_background(results)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert result is not None and result.failed == 0 and result.sent == len(results.read_text().splitlines())
+
+
 def test_background_generator_that_cannot_start_says_why(platform_home, tmp_path):
     with pytest.raises(BackendError, match="exited with code 1 before sending: .*endpoint 'no-such-ep' not found"):
         traffic.start_background("no-such-ep", 10, duration_s=1, results_path=tmp_path / "t.jsonl",
