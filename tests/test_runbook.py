@@ -269,3 +269,23 @@ def test_a_run_continued_step_by_step_reads_earlier_values_from_its_directory(tm
     assert second.summary["records"]["second"]["echo"] == "salut again"
     with pytest.raises(SpecError, match=r"--steps names unknown step\(s\) third"):
         run_runbook(book, {}, run_dir=run_dir, only=["third"], echo=False)
+
+
+def test_kernels_get_the_callers_workspace_by_absolute_path(tmp_path, monkeypatch):
+    # a relative default (./.saferollout) read from the notebooks' folder would start another platform there
+    monkeypatch.delenv("SAFEROLLOUT_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    body = """
+    name: home
+    steps:
+      - {id: where, notebook: ECHO, parameters: {value: "${parameters.x}"}}
+    parameters:
+      x: {default: unused}
+    """
+    book = write_runbook(tmp_path, body.replace('"${parameters.x}"', "here"))
+    nb = tmp_path / "home.ipynb"
+    nb.write_text(ECHO.read_text().replace('record(\\"echo\\", value)',
+                                           'import os; record(\\"echo\\", os.environ[\\"SAFEROLLOUT_HOME\\"])'))
+    book.write_text(book.read_text().replace(str(ECHO), str(nb)))
+    result = run_runbook(book, {}, runs_dir=tmp_path / "runs", echo=False)
+    assert result.summary["records"]["where"]["echo"] == str(tmp_path / ".saferollout")
