@@ -338,7 +338,8 @@ class Platform:
             runtime.pool.notify()
             self.store.update_deployment(*key, spec=spec.to_dict(), model_ref=model_ref, model_dir=model_dir,
                                          code_dir=code_dir, generation=generation, state="Succeeded", reason="")
-            await asyncio.gather(*(inst.stop() for inst in surplus))
+        # Drain the surplus outside the lock: the update is done (Succeeded), so the next one must be accepted.
+        await asyncio.gather(*(inst.stop() for inst in surplus))
 
     async def delete_deployment(self, endpoint: str, name: str) -> None:
         record = self.store.get_endpoint(endpoint)
