@@ -125,7 +125,7 @@ def smoke(backend: Backend, endpoint_name: str, rc: str, n: int = 5) -> Any:
 
 # ---- gates -------------------------------------------------------------------------------------------
 def gate_config(backend: Backend, gates: str | list[dict] | None,
-                overrides: dict[str, dict[str, Any]] | None = None) -> list[dict] | str:
+                overrides: dict[str, dict[str, Any]] | None = None, window_s: float = 30.0) -> list[dict] | str:
     """The gate list to build: `auto` (or empty) picks DEFAULT_GATES, or AGGREGATE_GATES for a backend
     without raw per-request samples (Azure); `aggregate` and `bake` name those lists; anything else is a
     gate list (or its JSON/YAML text) for build_gates, taken as given.
@@ -140,7 +140,7 @@ def gate_config(backend: Backend, gates: str | list[dict] | None,
     elif gates == "aggregate":
         chosen = gate_module.AGGREGATE_GATES
     elif gates == "bake":
-        chosen = bake_gates(backend)
+        chosen = bake_gates(backend, window_s)
     else:
         return gates
     return [{**entry, **(overrides or {}).get(entry["kind"], {})} for entry in chosen]
@@ -151,16 +151,24 @@ def choose_gates(backend: Backend, gates: str | list[dict] | None, window_s: flo
     """Build the configured gates (each limited to `window_s`) and refuse any the backend cannot feed."""
     from saferollout import gates as gate_module
 
-    built = gate_module.build_gates(gate_config(backend, gates, overrides),
+    built = gate_module.build_gates(gate_config(backend, gates, overrides, window_s),
                                     defaults={"max_duration_s": float(window_s)})
     return gate_module.gates_for_backend(built, backend)
 
 
-def bake_gates(backend: Backend) -> list[dict]:
+def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
     """Gates for the bake after promotion: the new PROD alone (no other deployment has traffic to compare
-    with), held to absolute limits: no server errors and p90 latency under a second, interval after interval."""
-    grain = "PT5S" if backend.name == "local" else "PT1M"
-    intervals = 2 if backend.name == "local" else 3
+    with), held to absolute limits: no server errors and p90 latency under a second, interval after interval.
+
+    As many complete metric intervals as the window holds (at most 5), leaving two for alignment:
+    5-second intervals locally, 1-minute ones on Azure (Azure Monitor's finest grain). A window too short for
+    even one complete interval is refused, since such a gate could only fail.
+    """
+    grain, grain_s = ("PT5S", 5) if backend.name == "local" else ("PT1M", 60)
+    intervals = min(5, int(window_s // grain_s) - 2)
+    if intervals < 1:
+        raise SpecError(f"bake_window_s={window_s:g} is too short for the {backend.name} backend: its metrics come "
+                        f"in {grain_s}-second intervals, so use at least {3 * grain_s} (or 0 for no bake gate)")
     return [
         {"kind": "threshold", "name": "bake-errors", "metric": "RequestsPerMinute", "aggregation": "Total",
          "filter": "deployment eq '{rc}' and statusCodeClass eq '5xx'", "condition": "lte", "threshold": 0,
