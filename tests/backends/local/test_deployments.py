@@ -86,6 +86,9 @@ def test_scale_out_and_in_keeps_serving_instances(local_backend, endpoint):
     assert scaled.provisioning_state == "Succeeded" and scaled.instance_count == 3
     assert [i["state"] for i in scaled.instances] == ["ready"] * 3
     assert scaled.instances[0]["pid"] == first["pid"]  # scaling out does not restart what runs
+    # one request at a time still reaches every instance: idle instances take turns
+    served_by = {local_backend.invoke(endpoint, {"i": i}, deployment="blue").json()["pid"] for i in range(6)}
+    assert len(served_by) == 3
     shrunk = local_backend.update_deployment(spec.with_changes(instance_count=1))
     assert [i["pid"] for i in shrunk.instances] == [first["pid"]]
     dropped = [i["pid"] for i in scaled.instances[1:]]

@@ -79,6 +79,7 @@ class DeploymentPool:
         self.failed = False  # a Failed deployment is never routed to
         self._changed = asyncio.Condition()
         self._waiting = 0
+        self._turn = 0
 
     @property
     def admission_limit(self) -> int:
@@ -89,11 +90,14 @@ class DeploymentPool:
         return not self.failed and any(i.state in ("ready", "starting", "restarting") for i in self.instances)
 
     def _pick(self) -> Instance | None:
-        best = None
-        for inst in self.instances:
+        """The least busy ready instance with a free slot; ties go round-robin, so idle instances share work."""
+        count, best = len(self.instances), None
+        for offset in range(count):
+            inst = self.instances[(self._turn + offset) % count]
             if inst.ready and inst.in_flight < self.max_concurrent:
                 if best is None or inst.in_flight < best.in_flight:
                     best = inst
+        self._turn += 1
         return best
 
     async def acquire(self) -> Instance:
