@@ -95,6 +95,22 @@ def test_scale_out_and_in_keeps_serving_instances(local_backend, endpoint):
     wait_for(lambda: not any(pid_alive(p) for p in dropped), 15, what="surplus instances to stop")
 
 
+def test_a_failed_update_keeps_the_previous_version_serving(local_backend, endpoint):
+    deploy_all(local_backend, [echo_spec(endpoint, "blue")])
+    local_backend.update_endpoint(endpoint, traffic={"blue": 100})
+    [before] = local_backend.get_deployment(endpoint, "blue").instances
+    with pytest.raises(DeploymentFailed) as failure:
+        local_backend.update_deployment(echo_spec(endpoint, "blue", env={"ECHO_INIT_FAIL": "1"}))
+    assert failure.value.reason.startswith("update failed: the inference server exited with code")
+    assert failure.value.reason.endswith("; the previous version keeps serving")
+    assert "echo init failed on purpose" in failure.value.logs
+    dep = local_backend.get_deployment(endpoint, "blue")
+    assert dep.provisioning_state == "Failed" and dep.environment_variables == {"ECHO_NAME": "blue"}
+    assert [i["pid"] for i in dep.instances] == [before["pid"]]
+    answers = [local_backend.invoke(endpoint, {"i": i}) for i in range(3)]
+    assert [(a.status, a.deployment) for a in answers] == [(200, "blue")] * 3
+
+
 def test_delete_stops_the_instances_and_forgets_the_deployment(local_backend, endpoint):
     deploy_all(local_backend, [echo_spec(endpoint, "blue", instance_count=2)])
     pids = [i["pid"] for i in local_backend.get_deployment(endpoint, "blue").instances]
