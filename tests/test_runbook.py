@@ -289,3 +289,14 @@ def test_kernels_get_the_callers_workspace_by_absolute_path(tmp_path, monkeypatc
     book.write_text(book.read_text().replace(str(ECHO), str(nb)))
     result = run_runbook(book, {}, runs_dir=tmp_path / "runs", echo=False)
     assert result.summary["records"]["where"]["echo"] == str(tmp_path / ".saferollout")
+
+
+def test_a_run_resumed_in_its_directory_skips_the_steps_already_done(tmp_path):
+    book = write_runbook(tmp_path, BASIC)
+    run_dir = tmp_path / "runs" / "killed"
+    run_runbook(book, {}, run_dir=run_dir, only=["first"], echo=False)  # as if killed after `first`
+    assert json.loads((run_dir / "summary.json").read_text())["steps"][0]["status"] == "ok"
+    first_output = (run_dir / "01-first.ipynb").stat().st_mtime_ns
+    resumed = run_runbook(book, {}, run_dir=run_dir, echo=False)
+    assert resumed.status == "completed" and resumed.summary["records"]["second"]["echo"] == "hi again"
+    assert (run_dir / "01-first.ipynb").stat().st_mtime_ns == first_output

@@ -461,7 +461,8 @@ def register(subparsers: Any) -> None:
                         help="override a runbook parameter (repeatable)")
     parser.add_argument("--runs-dir", default=None, help="where run directories go (default: parameter runs_dir)")
     parser.add_argument("--run-dir", default=None,
-                        help="continue the run in this directory (earlier steps' values are read from it)")
+                        help="continue (or resume after a kill) the run in this directory: steps it completed "
+                             "are skipped and their recorded values read back")
     parser.add_argument("--steps", default=None, metavar="ID,ID",
                         help="run only these steps (e.g. one CI job per step, with --run-dir)")
     parser.add_argument("--quiet", action="store_true", help="do not echo notebook output lines")

@@ -27,6 +27,7 @@ from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, re
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
 STATUS_IN_PROGRESS = "in_progress"  # a run continued step by step, with steps still to come
+STATUS_RUNNING = "running"  # written after each step while the run goes on (a killed run keeps it)
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Runner:
         if output.exists():
             result.records = read_records(output)
         self.recorded[step.id] = result.records
+        self.checkpoint()
         if result.status == "ok":
             shown = ", ".join(f"{k}={_short(v)}" for k, v in result.records.items() if k != GATE_RECORD)
             self.console.print(f"[green]ok {index:02d} {step.id}[/green] {result.duration_s:.1f}s {shown}",
@@ -230,7 +232,14 @@ class Runner:
 
     # ---- the whole run ----------------------------------------------------------------------------------
     def _selected(self, step: Step) -> bool:
-        return self.only is None or step.id in self.only
+        """Run this step now? With --steps, if named; otherwise unless an earlier invocation on this run
+        directory completed it (a resumed run: the rollout's own state is read from the endpoint)."""
+        if self.only is not None:
+            return step.id in self.only
+        done = any(r.id == step.id and r.status == "ok" for r in self.previous["steps"])
+        if done:
+            self.console.print(f"[dim]== {step.id}: done in an earlier invocation of this run[/dim]")
+        return not done
 
     def run(self) -> RunResult:
         started = self.started_at = time.time()
@@ -270,6 +279,12 @@ class Runner:
         self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
                            f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
         return RunResult(self.run_dir, status, summary)
+
+    def checkpoint(self) -> None:
+        """summary.json after every step (status `running`): a killed run leaves its record, and resumes from it."""
+        from saferollout.report import write_summary
+
+        write_summary(self.run_dir, self.summary(STATUS_RUNNING, self.started_at, None, None))
 
     def status(self, failure: dict[str, Any] | None, on_failure_ok: bool | None) -> str:
         if failure is not None:

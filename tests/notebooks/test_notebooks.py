@@ -30,7 +30,7 @@ TEST_GATES = json.dumps([
      "calibration_samples": 30},
     {"kind": "ml_quality", "name": "offline-quality"},
     {"kind": "ml_agreement", "name": "prediction-agreement", "source": "header", "min_agreement": 0.8,
-     "max_distance": 0.5},
+     "max_distance": 0.5, "n": 20, "batch_size": 5},
 ])
 QUICK = {"traffic_steps": "50,100", "gate_window_s": "60", "bake_window_s": "20", "poll_s": "1", "rps": "10",
          "gates": TEST_GATES}
