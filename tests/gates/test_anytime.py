@@ -45,6 +45,14 @@ def test_one_sided_e_value_matches_the_truncated_mixture_integral():
     assert one_sided_binomial_log_e(x, n, p0) == pytest.approx(expected, rel=1e-6)
 
 
+def test_lower_side_e_value_matches_its_truncated_mixture_integral_and_shrinks_with_more_successes():
+    x, n, p0, (a, b) = 2, 60, 0.1, (1.0, 3.0)
+    num, _ = integrate.quad(lambda p: p ** x * (1 - p) ** (n - x) * stats.beta.pdf(p, a, b), 0, p0)
+    expected = np.log(num / stats.beta.cdf(p0, a, b)) - np.log(p0 ** x * (1 - p0) ** (n - x))
+    assert one_sided_binomial_log_e(x, n, p0, side="less") == pytest.approx(expected, rel=1e-6)
+    assert float(one_sided_binomial_log_e(8, 60, p0, side="less")) < float(one_sided_binomial_log_e(2, 60, p0, side="less"))
+
+
 def test_one_sided_e_value_grows_with_evidence_and_stays_below_one_without_it():
     assert float(one_sided_binomial_log_e(0, 0, 0.1)) == 0.0
     assert float(one_sided_binomial_log_e(0, 30, 0.1)) < 0

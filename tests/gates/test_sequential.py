@@ -96,7 +96,8 @@ def test_gate_fails_an_rc_fifty_percent_slower(context):
 def test_gate_passes_a_healthy_rc_on_latency(context):
     verdict = SequentialGate(metric="latency").check(context(healthy_and(rc_latency=lognormal()), 300))
     assert verdict.decision == "pass", verdict.reason
-    assert "within 1.5x PROD" in verdict.reason
+    assert "within 1.5x PROD with confidence 95%" in verdict.reason
+    assert verdict.evidence["rc_above_allowed"] / 450 < 0.1 and verdict.evidence["e_value_no_harm"] >= 25
 
 
 def test_latency_waits_for_calibration_before_it_can_fail(context):
@@ -139,3 +140,32 @@ def test_missing_data_fails_at_the_gate_limit_with_the_reason(context):
     assert verdict.decision == "fail" and verdict.evidence["timed_out"] is True
     assert verdict.reason == ("no decision within 120s: too few samples: green has 0, blue has 0 "
                               "(need 30 per deployment)")
+
+
+# ---- the pass bound: an RC worse than the margin rarely passes ---------------------------------
+
+def test_errors_beyond_the_margin_pass_less_often_than_beta_when_looking_every_ten_seconds():
+    rng = np.random.default_rng(8)
+    runs, looks, beta = 1000, 60, 0.05
+    n_rc = rng.poisson(15, (runs, looks)).cumsum(axis=1)
+    n_prod = rng.poisson(135, (runs, looks)).cumsum(axis=1)
+    x_rc = rng.binomial(np.diff(n_rc, axis=1, prepend=0), 0.005 + 0.03).cumsum(axis=1)  # PROD + 3 points
+    x_prod = rng.binomial(np.diff(n_prod, axis=1, prepend=0), 0.005).cumsum(axis=1)
+    passed = error_statistics(n_rc, x_rc, n_prod, x_prod, margin_points=3.0, alpha=0.01, beta=beta)["pass"]
+    enough = n_rc >= 30
+    assert (passed & enough).any(axis=1).mean() <= beta + 3 * np.sqrt(beta * (1 - beta) / runs)
+
+
+def test_latency_beyond_the_margin_passes_less_often_than_beta_under_repeated_looks():
+    rng = np.random.default_rng(12)
+    beta, runs, passes = 0.05, 150, 0
+    for _ in range(runs):
+        t_rc, t_prod = np.sort(rng.uniform(0, 300, 450)), np.sort(rng.uniform(0, 300, 4050))
+        rc, prod = rng.lognormal(3.9, 0.5, 450) * 1.5, rng.lognormal(3.9, 0.5, 4050)  # p90 exactly 1.5x
+        for cut in range(30, 301, 30):
+            a, b = np.searchsorted(t_rc, cut), np.searchsorted(t_prod, cut)
+            if latency_decision(t_rc[:a], rc[:a], t_prod[:b], prod[:b], quantile=0.9, margin_ratio=1.5,
+                                alpha=1e-12, beta=beta)[0] == "pass":
+                passes += 1
+                break
+    assert passes / runs <= beta + 3 * np.sqrt(beta * (1 - beta) / runs)

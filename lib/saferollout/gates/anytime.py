@@ -6,9 +6,10 @@ thresholding them at 1/alpha gives tests and confidence sequences (CS) whose err
 look, not only at a fixed sample size (Robbins 1970; Howard, Ramdas, McAuliffe & Sekhon 2021).
 
 - `bernoulli_cs`: the conjugate Beta-mixture CS for a proportion (Robbins' mixture, as in Howard et al.).
-- `one_sided_binomial_log_e`: a truncated-Beta mixture e-value against "success probability <= p0".
-  Used on error events (which deployment did each error come from?), the conditional-binomial form of
-  the Poisson-process test of Lindon, Sanden & Shirikian (2022), and on quantile exceedances.
+- `one_sided_binomial_log_e`: a truncated-Beta mixture e-value against "success probability <= p0"
+  (or ">= p0"). Used on error events (which deployment did each error come from?), the
+  conditional-binomial form of the Poisson-process test of Lindon, Sanden & Shirikian (2022), and on
+  the share of RC requests above a latency level.
 - `quantile_cs`: a CS for a quantile from the Bernoulli CS of the indicators 1{X <= v}
   (Howard & Ramdas 2022).
 
@@ -24,7 +25,7 @@ from scipy import special, stats
 PROPORTION_PRIOR = (0.5, 0.5)       # Jeffreys: no favoured rate
 ERROR_RATE_PRIOR = (1.0, 200.0)     # error rates: mean 0.5%, so bounds on rare errors are tight
 QUANTILE_PRIOR_WEIGHT = 20.0        # quantile CS: Beta(q w, (1 - q) w), centred on the quantile's level
-ALTERNATIVE_PRIOR = (1.0, 3.0)      # harmful alternatives of one-sided e-values: weight on moderate harm
+ALTERNATIVE_PRIOR = (1.0, 3.0)      # alternatives of one-sided e-values: weight on moderate departures
 _BISECTION_STEPS = 60
 
 
@@ -64,18 +65,20 @@ def bernoulli_cs(x, n, alpha: float, prior: tuple[float, float] = PROPORTION_PRI
     return low, high
 
 
-def one_sided_binomial_log_e(x, n, p0, prior: tuple[float, float] = ALTERNATIVE_PRIOR):
-    """log e-value against H0: p <= p0 after x successes in n trials.
+def one_sided_binomial_log_e(x, n, p0, prior: tuple[float, float] = ALTERNATIVE_PRIOR, side: str = "greater"):
+    """log e-value against H0: p <= p0 (side "greater") or H0: p >= p0 (side "less"), x successes in n.
 
     The mixture of likelihood ratios p^x (1-p)^(n-x) / (p0^x (1-p0)^(n-x)) over p ~ Beta(prior)
-    truncated to (p0, 1]. Each ratio with p > p0 is a supermartingale under every p' <= p0 (monotone
-    likelihood ratio), so the mixture is one too and Ville's inequality bounds P(ever >= 1/alpha).
+    truncated to the alternative side of p0. Each ratio with p on that side is a supermartingale under
+    every p' in H0 (monotone likelihood ratio), so the mixture is one too and Ville's inequality bounds
+    P(ever >= 1/alpha) by alpha.
     """
     a, b = prior
     x, n, p0 = np.asarray(x, float), np.asarray(n, float), np.asarray(p0, float)
     post_a, post_b = a + x, b + n - x
+    tail = stats.beta.logsf if side == "greater" else stats.beta.logcdf
     log_marginal = (special.betaln(post_a, post_b) - special.betaln(a, b)
-                    + stats.beta.logsf(p0, post_a, post_b) - stats.beta.logsf(p0, a, b))
+                    + tail(p0, post_a, post_b) - tail(p0, a, b))
     log_null = special.xlogy(x, p0) + special.xlog1py(n - x, -p0)
     return np.where(n > 0, log_marginal - log_null, 0.0)
 

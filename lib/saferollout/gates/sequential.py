@@ -18,8 +18,9 @@ latency (margin as a ratio of the quantile: p90 at most 1.5x PROD by default)
         `calibration_samples` requests; on the requests that arrive after those, slow requests are
         counted like errors (same conditional test). v is fixed before the counted requests arrive,
         so the test is exact for a healthy RC (same latency distribution as PROD).
-  pass: upper end of the RC quantile's CS at most margin x lower end of PROD's (beta shared as for
-        errors; quantile CS of Howard & Ramdas 2022).
+  pass: w = margin x the lower end of PROD's quantile CS (0.2 beta; Howard & Ramdas 2022). If the
+        RC's quantile were above margin x PROD's, at least 1 - q of its requests would exceed w; a
+        one-sided mixture e-value (0.8 beta) on the share that does is evidence that it is not.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from saferollout.gates.anytime import ERROR_RATE_PRIOR, arm_count_log_e, bernoulli_cs, quantile_cs
+from saferollout.gates.anytime import (ERROR_RATE_PRIOR, arm_count_log_e, bernoulli_cs, one_sided_binomial_log_e,
+                                       quantile_cs)
 from saferollout.gates.base import (GateBase, GateContext, fetch_samples, is_error, require_prod,
                                     require_samples)
 
@@ -94,12 +96,14 @@ def latency_statistics(rc_ts, rc_ms, prod_ts, prod_ms, *, quantile: float, margi
         slow = {"rc": int(np.count_nonzero(rc_after > slow_ms)), "prod": int(np.count_nonzero(prod_after > slow_ms))}
         log_e, rho0 = (float(v) for v in arm_count_log_e(slow["rc"], slow["prod"], counted["rc"], counted["prod"]))
     prod_low, _ = quantile_cs(prod_ms, quantile, (1 - RC_SHARE_OF_BETA) * beta)
-    _, rc_high = quantile_cs(rc_ms, quantile, RC_SHARE_OF_BETA * beta)
+    allowed_ms = margin_ratio * prod_low
+    above = int(np.count_nonzero(rc_ms > allowed_ms))
+    log_e_pass = float(one_sided_binomial_log_e(above, rc_ms.size, 1.0 - quantile, side="less"))
     fail = log_e >= np.log(1 / alpha)
-    passed = (not fail) and rc_high <= margin_ratio * prod_low
+    passed = (not fail) and log_e_pass >= np.log(1 / (RC_SHARE_OF_BETA * beta))
     return {"log_e": log_e, "rc_share": rho0, "slow_ms": slow_ms, "counted": counted, "slow": slow,
-            "calibrated": calibrated, "prod_low": prod_low, "rc_high": rc_high, "fail": bool(fail),
-            "pass": bool(passed)}
+            "calibrated": calibrated, "prod_low": prod_low, "allowed_ms": allowed_ms, "rc_above_allowed": above,
+            "log_e_pass": log_e_pass, "fail": bool(fail), "pass": bool(passed)}
 
 
 def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, quantile: float, margin_ratio: float, alpha: float,
@@ -114,19 +118,23 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, quantile: float, margin_
                 "e_value": e_value, "e_threshold": 1 / alpha, "slow_threshold_ms": s["slow_ms"],
                 "slow_requests": s["slow"], "counted_requests": s["counted"], "rc_share": s["rc_share"],
                 "calibration_samples": calibration, "prod_quantile_lower": s["prod_low"],
-                "rc_quantile_upper": s["rc_high"], "margin_ratio": margin_ratio, "alpha": alpha, "beta": beta}
+                "allowed_ms": s["allowed_ms"], "rc_above_allowed": s["rc_above_allowed"],
+                "e_value_no_harm": float(np.exp(min(s["log_e_pass"], 700.0))),
+                "e_threshold_no_harm": 1 / (RC_SHARE_OF_BETA * beta), "margin_ratio": margin_ratio,
+                "alpha": alpha, "beta": beta}
     observed = f"{label} RC {rc_q:.1f} ms ({len(rc_ms)}) vs PROD {prod_q:.1f} ms ({len(prod_ms)})"
     if s["fail"]:
         return "fail", (f"latency {observed}; e-value {e_value:.3g} >= {1 / alpha:g}: strong evidence the RC "
                         f"has more requests slower than {s['slow_ms']:.1f} ms than PROD"), evidence
-    allowed = margin_ratio * s["prod_low"]
+    allowed, share = s["allowed_ms"], s["rc_above_allowed"] / len(rc_ms)
     if s["pass"]:
-        return "pass", (f"latency {observed}; the RC's {label} is at most {s['rc_high']:.1f} ms, within "
-                        f"{margin_ratio:g}x PROD ({allowed:.1f} ms) with confidence {1 - beta:.0%}"), evidence
+        return "pass", (f"latency {observed}; {share:.1%} of RC requests above {allowed:.1f} ms ({margin_ratio:g}x "
+                        f"PROD's {label} lower bound): its {label} is within {margin_ratio:g}x PROD with confidence "
+                        f"{1 - beta:.0%}"), evidence
     waiting = (f"e-value {e_value:.3g} < {1 / alpha:g}" if s["calibrated"]
                else f"PROD has {len(prod_ms)} of {calibration} calibration samples")
-    return "inconclusive", (f"latency {observed}; not decided yet: {waiting} and the RC's {label} could be "
-                            f"up to {s['rc_high']:.1f} ms (> {allowed:.1f} ms)"), evidence
+    return "inconclusive", (f"latency {observed}; not decided yet: {waiting}, and {share:.1%} of RC requests "
+                            f"above {allowed:.1f} ms is not yet clearly below {1 - quantile:.0%}"), evidence
 
 
 @dataclass
