@@ -87,10 +87,6 @@ class Instance:
         return f"{self.config.deployment}-{self.config.index}"
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/score"
-
-    @property
     def ready(self) -> bool:
         return self.state == "ready"
 
