@@ -91,8 +91,12 @@ def bench_runner(rps: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="saferollout-bench-runs-") as runs:
         first = runner_run(endpoint, Path(runs), rps)
         healthy = runner_run(endpoint, Path(runs), rps)
-        rollback = runner_run(endpoint, Path(runs), rps, fault="errors")
-    return {"endpoint": endpoint, "first_release": first, "healthy": healthy, "rollback": rollback}
+        # inverted predictions pass the smoke test (the answers have the right shape) and are caught by the
+        # agreement gate under live traffic; errors are caught earlier, by the smoke test
+        flip = runner_run(endpoint, Path(runs), rps, fault="flip")
+        errors = runner_run(endpoint, Path(runs), rps, fault="errors")
+    return {"endpoint": endpoint, "first_release": first, "healthy": healthy, "rollback": flip,
+            "rollback_errors": errors}
 
 
 # ---- 2. the state machine alone ---------------------------------------------------------------------------
@@ -190,6 +194,8 @@ def _steps_table(title: str, run: dict[str, Any], total_key: str) -> list[str]:
 
 def _client_line(run: dict[str, Any]) -> str:
     client = run["client"]
+    if client.get("sent") is None:
+        return "Clients: no live traffic (the step that starts it never ran)."
     failed = client.get("failed_by_deployment") or {}
     shown = ", ".join(f"{d}: {n}" for d, n in sorted(failed.items())) or "none"
     if client.get("by_status"):
@@ -215,8 +221,12 @@ def markdown(result: dict[str, Any]) -> str:
                   "papermill in a fresh kernel, so every step pays a kernel start.", ""]
         lines += _steps_table("Healthy rollout", runner["healthy"], "wall_s")
         lines += [_client_line(runner["healthy"]), ""]
-        lines += _steps_table("Rollback (RC with `fault=errors`)", runner["rollback"], "wall_s")
+        lines += _steps_table("Rollback by a gate under live traffic (RC with `fault=flip`: inverted predictions)",
+                              runner["rollback"], "wall_s")
         lines += [_client_line(runner["rollback"]), ""]
+        if runner.get("rollback_errors"):
+            lines += _steps_table("Rollback by the smoke test, before any live traffic (RC with `fault=errors`)",
+                                  runner["rollback_errors"], "wall_s")
         lines += [f"Setup, not counted above: the first release took {runner['first_release']['wall_s']:.1f} s "
                   f"({runner['first_release']['status']}).", ""]
     elif result.get("runner_error"):
@@ -244,8 +254,8 @@ def verdict(result: dict[str, Any]) -> str:
         healthy, rollback = runner["healthy"], runner["rollback"]
         gate_s = sum(s["seconds"] for s in healthy["steps"] if s["step"].startswith(("validate", "promote")))
         parts.append(f"With the runner a healthy rollout took {healthy['wall_s']:.0f} s, {gate_s:.0f} s of it "
-                     f"in the gated steps (validate, promote with its bake gate); the faulty RC was "
-                     f"{rollback['status'].replace('_', ' ')} after {rollback['wall_s']:.0f} s.")
+                     f"in the gated steps (validate, promote with its bake gate); the RC with inverted predictions "
+                     f"was {rollback['status'].replace('_', ' ')} after {rollback['wall_s']:.0f} s.")
     direct = result["direct"]
     parts.append(f"Without gates and notebooks the transitions take {direct['healthy']['total_s']:.1f} s for a "
                  f"whole rollout (mostly starting the RC) and {direct['rollback']['total_s']:.1f} s up to and "
@@ -266,7 +276,7 @@ def _prod_failures(result: dict[str, Any]) -> int:
     """Failed client requests served by anything but the candidate: PROD must never fail a client."""
     runs = [result["direct"]["healthy"], result["direct"]["rollback"]]
     if result.get("runner"):
-        runs += [result["runner"]["healthy"], result["runner"]["rollback"]]
+        runs += [result["runner"][k] for k in ("healthy", "rollback", "rollback_errors") if k in result["runner"]]
     return sum(n for run in runs for d, n in (run["client"].get("failed_by_deployment") or {}).items()
                if d != run.get("candidate"))
 

@@ -166,6 +166,10 @@ class LoadGenerator:
         self._scheduler.join(timeout)
         return not self._scheduler.is_alive()
 
+    def request_stop(self) -> None:
+        """End the schedule soon (safe from a signal handler); stop() then collects the result."""
+        self._stop.set()
+
     def stop(self) -> TrafficResult:
         """Stop scheduling, wait for the requests in flight, close the results file, return the result."""
         self._stop.set()
@@ -432,7 +436,7 @@ def traffic_command(args: Any, backend_factory: Callable[[], Any]) -> int:
 def _stop_on_sigterm(generator: LoadGenerator) -> None:
     """SIGTERM (stop_background) ends the schedule; in-flight requests still complete and are recorded."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: generator._stop.set())
+        signal.signal(signal.SIGTERM, lambda signum, frame: generator.request_stop())
 
 
 def _run_interruptibly(generator: LoadGenerator) -> TrafficResult:
