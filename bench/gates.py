@@ -422,7 +422,7 @@ NOTES = [
     "  fixed-sample test (the anytime-valid bound costs little more), and the step waits for the slower of its",
     "  two gates. The seed's own thresholds tolerate about as much as the wide margins (5 errors per minute at",
     "  ~90 RC requests per minute is ~5.5%; it misses +5 points in 9% of runs): at that tolerance the sequential",
-    "  gate passes in a median 70 s, detects in 50-60 s and misses less than the seed. The RC's request count",
+    "  gate passes in about a minute, detects in 50-60 s and misses less than the seed. The RC's request count",
     "  limits every time in the table, so a larger RC share shortens them all.",
     "- The compare gate decides once, at 200 RC samples (~2 minutes): low power against small regressions",
     "  (its 0.5-point errors margin cannot be resolved with 200 samples).",
