@@ -176,7 +176,11 @@ def markdown(result: dict) -> str:
               "HTTP/1.0 write instead of through aiohttp's client cut that half's CPU from 0.51 to 0.32 ms per "
               "request (microbenchmark, same machine). At concurrency 8 one sync worker is the bottleneck and the "
               "gateway's CPU competes with it for the two cores, which is what the throughput ratio shows. "
-              "These figures come from a machine shared with other work; we have no idle-machine run to compare.",
+              "The gateway's CPU per request is higher for the credit model than for echo although the code path "
+              "is the same: between two requests it sleeps for the model's ~12 ms and wakes with cold caches (an "
+              "echo deployment that sleeps 12 ms in run() costs the gateway 1.56 ms per request against 0.9 ms "
+              "without the sleep). These figures come from a machine shared with other work, where ratios move by "
+              "several hundredths from run to run; we have no idle-machine run to compare.",
               ""]
     return "\n".join(lines)
 
