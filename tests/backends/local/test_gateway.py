@@ -273,6 +273,7 @@ def test_aml_token_endpoint_accepts_its_token_and_refuses_others(local_backend, 
 
 def test_traffic_flips_under_load_without_a_single_failed_request(local_backend, gw, uri):
     headers = auth(local_backend, gw)
+    pids = {d.name: [i["pid"] for i in d.instances] for d in local_backend.list_deployments(gw)}
     answers: list = []
     load = threading.Thread(target=lambda: answers.extend(
         fire(uri, [{"i": i} for i in range(1500)], headers=headers, concurrency=6)))
@@ -291,3 +292,5 @@ def test_traffic_flips_under_load_without_a_single_failed_request(local_backend,
     assert len(answers) == 1500
     assert Counter(a.status for a in answers) == {200: 1500}
     assert {a.deployment for a in answers} == {"blue", "green"}
+    # nothing restarted: the same processes serve before and after
+    assert {d.name: [i["pid"] for i in d.instances] for d in local_backend.list_deployments(gw)} == pids
