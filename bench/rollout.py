@@ -227,6 +227,7 @@ def markdown(result: dict[str, Any]) -> str:
         if runner.get("rollback_errors"):
             lines += _steps_table("Rollback by the smoke test, before any live traffic (RC with `fault=errors`)",
                                   runner["rollback_errors"], "wall_s")
+            lines += [_client_line(runner["rollback_errors"]), ""]
         lines += [f"Setup, not counted above: the first release took {runner['first_release']['wall_s']:.1f} s "
                   f"({runner['first_release']['status']}).", ""]
     elif result.get("runner_error"):
