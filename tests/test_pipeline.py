@@ -66,3 +66,24 @@ def test_registered_model_carries_metrics_and_lineage(local_backend, credit_mode
 def test_smoke_bodies_are_held_out_requests():
     bodies = pipeline.smoke_bodies(3, batch_size=2)
     assert len(bodies) == 3 and all(len(json.loads(b)["data"]) == 2 for b in bodies)
+
+
+def test_rollback_leaves_an_endpoint_locked_by_another_run_alone(local_backend, unique_name):
+    from saferollout import rollout
+
+    endpoint = unique_name("lock")
+    rollout.ensure_endpoint(local_backend, pipeline.endpoint_spec(endpoint))
+    try:
+        rollout.acquire_lock(local_backend, endpoint, "someone@else", "their-run")
+        lines: list[str] = []
+        before, after = pipeline.rollback(local_backend, endpoint, "our deploy failed", "our-run", lines.append)
+        assert after is before and "locked by run 'their-run' of someone@else" in lines[0]
+        assert rollout.read_state(local_backend, endpoint).lock["run"] == "their-run"
+    finally:
+        local_backend.delete_endpoint(endpoint)
+
+
+def test_rollback_without_an_endpoint_has_nothing_to_do(local_backend, unique_name):
+    lines: list[str] = []
+    before, after = pipeline.rollback(local_backend, unique_name("none"), "train failed", "run", lines.append)
+    assert after.phase.value == "NO_ENDPOINT" and "nothing to roll back" in lines[0]
