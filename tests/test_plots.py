@@ -91,3 +91,21 @@ def test_quality_figures_plot_held_out_predictions(figure):
 def test_roc_legend_states_the_auc():
     fig = plots.roc_figure([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     assert "AUC 0.750" in fig.axes[0].get_legend().get_texts()[0].get_text()
+
+
+def test_limits_come_from_the_gates_evidence_and_the_tightest_wins():
+    verdicts = [
+        {"evidence": {"allowed_ms": 120.0, "latency_ms": {"rc": 50, "prod": 40}}},  # sequential latency
+        {"evidence": {"max_ratio": 1.2, "latency_ms": {"rc": 50, "prod": 90.0}}},  # compare latency
+        {"evidence": {"margin_points": 3.0, "prod_rate_lower": 0.01}},  # sequential errors
+        {"evidence": {"margin_points": 2.0, "error_rate": {"rc": 0.0, "prod": 0.0}}},  # compare errors
+        {"evidence": {"agreement": 0.9}},
+    ]
+    assert plots.limits_from_verdicts(verdicts) == {"latency_threshold_ms": 108.0, "error_rate_limit": 0.02}
+    assert plots.limits_from_verdicts([]) == {"latency_threshold_ms": None, "error_rate_limit": None}
+
+
+def test_an_error_rate_limit_is_drawn_as_that_share_of_the_rcs_requests():
+    fig = plots.rollout_dashboard(observation(), error_rate_limit=0.1, rc="green")
+    line = next(l for l in fig.axes[1].get_lines() if "allowed for green" in l.get_label())
+    assert list(line.get_ydata()) == pytest.approx([0.1, 0.1, 0.5, 0.5])

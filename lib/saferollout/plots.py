@@ -103,13 +103,37 @@ def _colours(names: Iterable[str]) -> dict[str, Any]:
     return {name: cycle[i % len(cycle)] for i, name in enumerate(sorted(names))}
 
 
+def limits_from_verdicts(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The limits the gates applied, from their evidence, for the dashboard: the RC latency allowed (ms,
+    the tightest of the latency gates) and the RC error rate allowed (a fraction, the tightest too)."""
+    latency: list[float] = []
+    error_rate: list[float] = []
+    for verdict in verdicts:
+        ev = verdict.get("evidence") or {}
+        prod_ms = (ev.get("latency_ms") or {}).get("prod") if isinstance(ev.get("latency_ms"), Mapping) else None
+        if isinstance(ev.get("allowed_ms"), (int, float)):
+            latency.append(float(ev["allowed_ms"]))
+        elif isinstance(ev.get("max_ratio"), (int, float)) and isinstance(prod_ms, (int, float)):
+            latency.append(float(ev["max_ratio"]) * prod_ms)
+        if isinstance(ev.get("margin_points"), (int, float)):
+            base = ev.get("prod_rate_lower")
+            if not isinstance(base, (int, float)) and isinstance(ev.get("error_rate"), Mapping):
+                base = ev["error_rate"].get("prod")
+            if isinstance(base, (int, float)):
+                error_rate.append(float(base) + float(ev["margin_points"]) / 100.0)
+    return {"latency_threshold_ms": min(latency) if latency else None,
+            "error_rate_limit": min(error_rate) if error_rate else None}
+
+
 def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = None,
-                      error_threshold: float | None = None, marks: Mapping[str, float] | None = None,
+                      error_threshold: float | None = None, error_rate_limit: float | None = None,
+                      rc: str | None = None, marks: Mapping[str, float] | None = None,
                       title: str = "") -> Figure:
     """Three panels sharing time: latency percentiles, error counts (per interval) and the traffic split.
 
-    Thresholds are drawn as dashed lines; `marks` (label -> unix time) as vertical lines, e.g. when the
-    gate window began.
+    Limits are drawn dashed: a latency in ms, an error count per interval, or an error rate the RC may
+    not exceed (drawn as that share of the RC's requests in each interval). `marks` (label -> unix time)
+    are vertical lines, e.g. when the gate window began.
     """
     colours = _colours(obs.deployments)
     fig, (lat_ax, err_ax, split_ax) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
@@ -130,8 +154,12 @@ def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = 
     if error_threshold is not None:
         err_ax.axhline(error_threshold, color="#cf222e", linestyle="--", linewidth=1,
                        label=f"threshold {error_threshold:g}")
+    if error_rate_limit is not None and rc in obs.requests.columns:
+        allowed = obs.requests[rc].fillna(0.0) * error_rate_limit
+        err_ax.plot(allowed.index, allowed, drawstyle="steps-post", color="#cf222e", linestyle="--", linewidth=1,
+                    label=f"allowed for {rc} ({error_rate_limit:.1%} of its requests)")
     err_ax.set(ylabel=f"non-2xx per {obs.grain}")
-    if obs.errors.columns.size or error_threshold is not None:
+    if obs.errors.columns.size or error_threshold is not None or error_rate_limit is not None:
         err_ax.legend(fontsize=7, loc="upper left")
 
     shares = traffic_shares(obs.requests)
