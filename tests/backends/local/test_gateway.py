@@ -63,7 +63,7 @@ def test_the_routing_choice_honours_the_90_10_split_over_10000_draws():
     """The draw the gateway makes for every unpinned request, 10,000 times (fast: no HTTP)."""
     route = EndpointRoute("ep", "key", ("k",), dict(SPLIT), {}, pools={
         name: DeploymentPool("ep", name, 1, 5000) for name in ("blue", "green", "idle")})
-    rng = random.Random()
+    rng = random.Random(20261127)  # seeded: a fair draw passes a 1% test 99% of the time, so fix which 1%
     draws = Counter(route.choose(rng).name for _ in range(10_000))
     assert set(draws) == {"blue", "green"}  # a deployment at 0% is never drawn
     result = chisquare([draws["blue"], draws["green"]], [9_000, 1_000])
@@ -79,14 +79,15 @@ def test_a_failed_deployment_is_never_drawn():
 
 def test_weighted_routing_honours_the_90_10_split_end_to_end(split_run):
     answers, _, _ = split_run
-    assert Counter(a.status for a in answers) == {200: 1_000}
+    assert Counter(a.status for a in answers) == {200: 1_000}, Counter((a.status, str(a.body)[:80]) for a in answers)
     served = Counter(a.deployment for a in answers)
     # the answer header and the instance's own answer agree on who served
     assert all(a.body["name"] == a.deployment for a in answers)
     observed = [served["blue"], served["green"]]
     assert sum(observed) == 1_000
     result = chisquare(observed, [900, 100])
-    assert result.pvalue > 0.01, f"split {observed} rejects 90/10 (p={result.pvalue:.4g})"
+    # the platform's draws are not seeded (other tests share it): at 0.1% this fails once in a thousand runs
+    assert result.pvalue > 0.001, f"split {observed} rejects 90/10 (p={result.pvalue:.4g})"
 
 
 def test_every_request_is_recorded_with_its_deployment_and_status(local_backend, gw, split_run):
