@@ -11,10 +11,10 @@ from saferollout.backends.local.daemon import stop_platform
 
 @pytest.fixture(scope="module")
 def private_platform(tmp_path_factory):
-    """A platform in its own workspace (tokens live 2 s), for tests that stop or kill the platform."""
+    """A platform in its own workspace (tokens live 3 s), for tests that stop or kill the platform."""
     home = tmp_path_factory.mktemp("private-home")
     previous = os.environ.get("SAFEROLLOUT_TOKEN_TTL_S")
-    os.environ["SAFEROLLOUT_TOKEN_TTL_S"] = "2"  # read by every platform process this module starts
+    os.environ["SAFEROLLOUT_TOKEN_TTL_S"] = "3"  # read by every platform process this module starts
     try:
         yield LocalBackend(home)
     finally:

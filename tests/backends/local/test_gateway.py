@@ -29,8 +29,8 @@ def gw(local_backend):
         echo_spec(endpoint, "blue"),
         echo_spec(endpoint, "green"),
         echo_spec(endpoint, "shadow"),
-        # two instances, one request each at a time, each request held 1 s: admission limit 2*1*2 = 4
-        echo_spec(endpoint, "slow", instance_count=2, max_concurrent=1, env={"ECHO_DELAY_MS": "1000"}),
+        # two instances, one request each at a time, each request held 2 s: admission limit 2*1*2 = 4
+        echo_spec(endpoint, "slow", instance_count=2, max_concurrent=1, env={"ECHO_DELAY_MS": "2000"}),
         echo_spec(endpoint, "late", timeout_ms=300, env={"ECHO_DELAY_MS": "1500"}),
         echo_spec(endpoint, "broken", env={"ECHO_FAIL": "1"}),
     ])
