@@ -258,6 +258,9 @@ def test_rollback_from_shifting_leaves_prod_at_100_and_the_rc_tagged_failed(
     rollout.shift_traffic(local_backend, endpoint, 50)
     with pytest.raises(Conflict, match="deployment 'green' on .* serves another candidate .* at 50%: roll it back first"):
         rollout.deploy_candidate(local_backend, endpoint, crashing(spec), models[1])
+    with pytest.raises(Conflict, match=r"PROD 'blue' on .* already serves .*, and RC 'green' \(.*\) is in flight "
+                                        "at 50%: finish or roll back that rollout first"):
+        rollout.deploy_candidate(local_backend, endpoint, spec, models[0])
     rollout.acquire_lock(local_backend, endpoint, "ci", "run-1")
     state = rollout.rollback(local_backend, endpoint, "gate at 50% failed: p99 latency 900 ms > 500 ms")
     assert (state.phase, state.prod, state.rc, state.failed_rc) == (Phase.ROLLED_BACK, "blue", None, "green")

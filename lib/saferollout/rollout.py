@@ -328,6 +328,10 @@ def deploy_candidate(backend: Backend, endpoint: str, spec: DeploymentSpec, mode
     fingerprint = _fingerprint(spec, model)
     deployments = {d.name: d for d in backend.list_deployments(endpoint)}
     if state.prod is not None and deployments[state.prod].tags.get(FINGERPRINT_TAG) == fingerprint:
+        if state.rc is not None:  # another candidate is in flight: continuing it is not what was asked
+            raise Conflict(f"PROD {state.prod!r} on {endpoint!r} already serves {model}, and RC {state.rc!r} "
+                           f"({state.rc_model}) is in flight at {state.rc_percent}%: finish or roll back that "
+                           "rollout first")
         _say(progress, f"{endpoint}: PROD {state.prod} already serves {model}: nothing to deploy")
         return state
     if state.phase == Phase.EMPTY:
