@@ -52,13 +52,13 @@ def test_dashboard_draws_the_thresholds_and_every_deployment():
     lat_ax, err_ax, split_ax = fig.axes
     assert lines_at(lat_ax, 250.0) and lines_at(err_ax, 3)
     labels = {t.get_text() for t in lat_ax.get_legend().get_texts()}
-    assert {"blue p90", "green p99", "threshold 250 ms"} <= labels
+    assert {"blue p90", "green p99", "limit 250 ms"} <= labels
     assert {t.get_text() for t in split_ax.get_legend().get_texts()} == {"blue", "green"}
 
 
 def test_dashboard_without_thresholds_draws_no_limit_lines():
     fig = plots.rollout_dashboard(observation())
-    assert not any("threshold" in t.get_text() for ax in fig.axes if ax.get_legend()
+    assert not any("limit" in t.get_text() or "threshold" in t.get_text() for ax in fig.axes if ax.get_legend()
                    for t in ax.get_legend().get_texts())
 
 
@@ -109,3 +109,11 @@ def test_an_error_rate_limit_is_drawn_as_that_share_of_the_rcs_requests():
     fig = plots.rollout_dashboard(observation(), error_rate_limit=0.1, rc="green")
     line = next(l for l in fig.axes[1].get_lines() if "allowed for green" in l.get_label())
     assert list(line.get_ydata()) == pytest.approx([0.1, 0.1, 0.5, 0.5])
+
+
+def test_a_deployment_that_served_without_errors_shows_zero_errors_not_a_gap():
+    requests = pd.DataFrame({"blue": [5.0, np.nan, 4.0], "green": [1.0, 2.0, np.nan]})
+    errors = pd.DataFrame({"green": [np.nan, 1.0, np.nan]})
+    filled = plots.zero_errors_where_served(requests, errors)
+    assert filled["blue"].tolist()[0] == 0.0 and np.isnan(filled["blue"].tolist()[1])
+    assert filled["green"].tolist()[:2] == [0.0, 1.0] and np.isnan(filled["green"].tolist()[2])

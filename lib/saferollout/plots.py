@@ -93,9 +93,19 @@ def observe(backend: Any, endpoint: str, start: float, end: float | None = None,
                                                   start=begin, end=finish, filter=filter, split_by=["deployment"]))
 
     requests = query("RequestsPerMinute", "Total")
-    errors = query("RequestsPerMinute", "Total", "statusCodeClass ne '2xx'")
+    errors = zero_errors_where_served(requests, query("RequestsPerMinute", "Total", "statusCodeClass ne '2xx'"))
     latency = {p: query(f"RequestLatency_{p}", "Average") for p in PERCENTILES}
     return Observation(endpoint, grain, requests, errors, latency)
+
+
+def zero_errors_where_served(requests: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
+    """A deployment that served requests in an interval without an error had 0 errors there (the metric
+    query returns no series at all for it); an interval without requests stays NaN."""
+    index = requests.index.union(errors.index)
+    columns = sorted(set(requests.columns) | set(errors.columns))
+    errors = errors.reindex(index=index, columns=columns)
+    served = requests.reindex(index=index, columns=columns).fillna(0.0) > 0
+    return errors.mask(errors.isna() & served, 0.0)
 
 
 def _colours(names: Iterable[str]) -> dict[str, Any]:
@@ -144,7 +154,7 @@ def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = 
                         marker=".", label=f"{dep} {pct.lower()}")
     if latency_threshold_ms is not None:
         lat_ax.axhline(latency_threshold_ms, color="#cf222e", linestyle="--", linewidth=1,
-                       label=f"threshold {latency_threshold_ms:g} ms")
+                       label=f"limit {latency_threshold_ms:.0f} ms")
     lat_ax.set(ylabel="latency (ms)", title=title or f"{obs.endpoint}: latency, errors and traffic split")
     lat_ax.legend(fontsize=7, ncol=3, loc="upper left")
 
