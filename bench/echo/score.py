@@ -10,10 +10,12 @@ import os
 import time
 
 name = ""
+init_niceness = 0
 
 
 def init():
-    global name
+    global name, init_niceness
+    init_niceness = os.getpriority(os.PRIO_PROCESS, 0)
     if os.environ.get("ECHO_INIT_FAIL") == "1":
         raise RuntimeError("echo init failed on purpose (ECHO_INIT_FAIL=1)")
     name = os.environ.get("ECHO_NAME", "")
@@ -26,4 +28,5 @@ def run(raw_data):
     if os.environ.get("ECHO_FAIL") == "1":
         raise RuntimeError("echo run failed on purpose (ECHO_FAIL=1)")
     payload = json.loads(raw_data) if isinstance(raw_data, (str, bytes)) else raw_data
-    return {"echo": payload, "name": name, "pid": os.getpid()}
+    return {"echo": payload, "name": name, "pid": os.getpid(), "init_niceness": init_niceness,
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0)}

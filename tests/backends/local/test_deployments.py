@@ -1,12 +1,14 @@
 """Deployments on the local platform: ready only when every instance is, failures explained, scale, delete, logs."""
 from __future__ import annotations
 
+import os
 import re
 import time
 
 import pytest
 
 from saferollout import data
+from saferollout.backends.local.instances import STARTUP_NICENESS
 from saferollout.errors import Conflict, DeploymentFailed, NotFound, SpecError
 from saferollout.specs import load_deployment_spec
 
@@ -163,3 +165,12 @@ def test_models_get_versions_and_latest(local_backend, credit_model_dir):
     assert local_backend.get_model(name).version == 2 and local_backend.get_model(name, 1).tags == {"k": "v"}
     assert local_backend.get_model(name, 1).properties == {"auc": "0.8"}
     assert [m.version for m in local_backend.list_models(name)] == [1, 2]
+
+
+def test_an_instance_starts_niced_and_serves_at_the_platforms_priority(local_backend, endpoint):
+    """A starting instance must not starve serving ones; once ready it competes as an equal."""
+    deploy_all(local_backend, [echo_spec(endpoint, "blue")])
+    local_backend.update_endpoint(endpoint, traffic={"blue": 100})
+    answer = local_backend.invoke(endpoint, {"x": 1}).json()
+    assert answer["init_niceness"] == STARTUP_NICENESS
+    assert answer["niceness"] == (0 if os.geteuid() == 0 else STARTUP_NICENESS)
