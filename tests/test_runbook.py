@@ -300,3 +300,27 @@ def test_a_run_resumed_in_its_directory_skips_the_steps_already_done(tmp_path):
     resumed = run_runbook(book, {}, run_dir=run_dir, echo=False)
     assert resumed.status == "completed" and resumed.summary["records"]["second"]["echo"] == "hi again"
     assert (run_dir / "01-first.ipynb").stat().st_mtime_ns == first_output
+
+
+def test_only_a_live_traffic_generator_counts_as_orphaned(tmp_path):
+    import subprocess
+    import sys
+
+    from saferollout.runner import orphaned_generator
+
+    pid_file = tmp_path / "traffic.pid"
+    assert orphaned_generator(pid_file) is None  # no file
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pid_file.write_text(str(other.pid))
+        assert orphaned_generator(pid_file) is None  # a reused pid is not ours to stop
+    finally:
+        other.kill()
+        other.wait()
+    generator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "saferollout.traffic"])
+    try:
+        pid_file.write_text(str(generator.pid))
+        assert orphaned_generator(pid_file) == generator.pid
+    finally:
+        generator.kill()
+        generator.wait()

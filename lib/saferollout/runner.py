@@ -215,6 +215,16 @@ class Runner:
             results_path=self.run_dir / "traffic.jsonl", backend=str(settings.get("backend") or "local"),
             home=os.environ.get("SAFEROLLOUT_HOME"))
 
+    def stop_orphaned_traffic(self) -> None:
+        """A run killed while its live traffic flowed left the generator running: stop it before resuming."""
+        from saferollout import traffic
+
+        pid = orphaned_generator(self.run_dir / "traffic.pid")
+        if pid is not None:
+            self.console.print(f"[yellow]stopping the live traffic a killed invocation left running (pid {pid})[/yellow]")
+            traffic.stop_background(pid)
+        (self.run_dir / "traffic.pid").unlink(missing_ok=True)
+
     def stop_traffic(self) -> dict[str, Any] | None:
         if self.traffic_proc is None:
             return None
@@ -222,6 +232,7 @@ class Runner:
 
         result = traffic.stop_background(self.traffic_proc)
         self.traffic_proc = None
+        (self.run_dir / "traffic.pid").unlink(missing_ok=True)  # only a killed run leaves its pid behind
         path = self.run_dir / "traffic.jsonl"
         if result is None and path.exists():
             result = traffic.summarize(path)
@@ -244,6 +255,7 @@ class Runner:
     def run(self) -> RunResult:
         started = self.started_at = time.time()
         self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
+        self.stop_orphaned_traffic()
         failure: dict[str, Any] | None = None
         on_failure_ok: bool | None = None
         try:
@@ -315,6 +327,16 @@ class Runner:
                              "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
             "failure": failure, "traffic": traffic_summary or self.previous["traffic"], "python": sys.executable,
         }
+
+
+def orphaned_generator(pid_file: Path) -> int | None:
+    """The pid in `pid_file` if that process is still a saferollout traffic generator (a pid may be reused)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (OSError, ValueError):
+        return None
+    return pid if b"saferollout.traffic" in command else None
 
 
 def client_outcomes(results_path: Path) -> dict[str, dict[str, int]]:
