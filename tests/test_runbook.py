@@ -324,3 +324,37 @@ def test_only_a_live_traffic_generator_counts_as_orphaned(tmp_path):
     finally:
         generator.kill()
         generator.wait()
+
+
+def test_a_runner_killed_between_steps_resumes_and_completes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    body = """
+    name: killed
+    steps:
+      - {id: first, notebook: ECHO, parameters: {value: one}}
+      - {id: second, notebook: ECHO, parameters: {value: two, sleep_s: 60}}
+      - {id: third, notebook: ECHO, parameters: {value: "${steps.first.echo} three"}}
+    """
+    book = write_runbook(tmp_path, body)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "saferollout.runbook", str(book), "--run-dir", str(run_dir)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:  # kill as soon as `second` started: `first` is done and checkpointed
+            if ">> 02 second" in line:
+                break
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, as a crash would
+    finally:
+        proc.wait(timeout=30)
+    killed = json.loads((run_dir / "summary.json").read_text())
+    assert killed["status"] == "running" and [s["id"] for s in killed["steps"]] == ["first"]
+    book.write_text(book.read_text().replace("sleep_s: 60", "sleep_s: 0"))
+    resumed = run_runbook(book, {}, run_dir=run_dir, echo=False)
+    assert resumed.status == "completed"
+    assert [(s["id"], s["status"]) for s in resumed.summary["steps"]] == [("first", "ok"), ("second", "ok"),
+                                                                          ("third", "ok")]
+    assert resumed.summary["records"]["third"]["echo"] == "one three"
