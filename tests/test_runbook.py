@@ -4,6 +4,7 @@ so these tests pay for kernels, not for deployments; the rollout itself is teste
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -289,6 +290,7 @@ def test_kernels_get_the_callers_workspace_by_absolute_path(tmp_path, monkeypatc
     book.write_text(book.read_text().replace(str(ECHO), str(nb)))
     result = run_runbook(book, {}, runs_dir=tmp_path / "runs", echo=False)
     assert result.summary["records"]["where"]["echo"] == str(tmp_path / ".saferollout")
+    assert "SAFEROLLOUT_HOME" not in os.environ  # the caller's environment is left as it was
 
 
 def test_a_run_resumed_in_its_directory_skips_the_steps_already_done(tmp_path):

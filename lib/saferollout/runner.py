@@ -376,11 +376,7 @@ def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     if "runs_dir" in parameters:
         parameters["runs_dir"] = str(runs_dir)
     steps = plan(book, parameters)  # expansion errors surface before the run directory exists
-    # kernels run in the notebooks' folder: give them (and the traffic process) this workspace by absolute path,
-    # or a relative default (./.saferollout) would name another platform there
-    from saferollout.backends.local.daemon import resolve_home
 
-    os.environ["SAFEROLLOUT_HOME"] = str(resolve_home())
     if only is not None:
         known = [s.id for s in steps] + [s.id for s in book.on_failure]
         unknown = sorted(set(only) - set(known))
@@ -391,5 +387,17 @@ def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
         target = Path(run_dir)
     else:
         target = new_run_dir(runs_dir, book.name)
-    return Runner(book, parameters, target, console=console, echo=echo,
-                  only=set(only) if only is not None else None).run()
+    runner = Runner(book, parameters, target, console=console, echo=echo, only=set(only) if only is not None else None)
+    # kernels run in the notebooks' folder: give them (and the traffic process) this workspace by absolute path,
+    # or a relative default (./.saferollout) would name another platform there
+    from saferollout.backends.local.daemon import resolve_home
+
+    previous = os.environ.get("SAFEROLLOUT_HOME")
+    os.environ["SAFEROLLOUT_HOME"] = str(resolve_home())
+    try:
+        return runner.run()
+    finally:
+        if previous is None:
+            os.environ.pop("SAFEROLLOUT_HOME", None)
+        else:
+            os.environ["SAFEROLLOUT_HOME"] = previous
