@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -325,6 +326,26 @@ def test_a_stale_lock_can_be_broken_and_force_breaks_any(local_backend, endpoint
     assert rollout.read_state(local_backend, endpoint).lock is None
     rollout.release_lock(local_backend, endpoint)  # releasing nothing is fine
     assert rollout.LOCK_TAG not in local_backend.get_endpoint(endpoint).tags
+
+
+def test_a_lock_whose_holder_on_this_machine_is_gone_is_taken_over(local_backend, endpoint, monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv(rollout.RUNNER_PID_ENV, str(gone.pid))  # as a runner that was killed since
+    dead = rollout.acquire_lock(local_backend, endpoint, "ci@here", "killed-run")
+    assert (dead["pid"], dead["host"]) == (gone.pid, socket.gethostname())
+    monkeypatch.delenv(rollout.RUNNER_PID_ENV)
+    lock = rollout.acquire_lock(local_backend, endpoint, "ci@here", "next-run")
+    assert (lock["run"], lock["pid"]) == ("next-run", os.getpid())
+    # a live holder keeps it, and so does a holder on another machine, whose processes we cannot see
+    with pytest.raises(Conflict, match="locked by ci@here \\(run next-run\\)"):
+        rollout.acquire_lock(local_backend, endpoint, "ci@here", "third-run")
+    remote = dict(dead, host="another-machine")
+    local_backend.update_endpoint(endpoint, tags={**local_backend.get_endpoint(endpoint).tags,
+                                                  rollout.LOCK_TAG: json.dumps(remote)})
+    with pytest.raises(Conflict, match="locked by ci@here \\(run killed-run\\)"):
+        rollout.acquire_lock(local_backend, endpoint, "ci@here", "third-run")
+    rollout.release_lock(local_backend, endpoint)
 
 
 def test_of_runs_racing_for_the_lock_one_wins_and_the_others_are_told_who(local_backend, endpoint):

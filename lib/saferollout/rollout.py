@@ -38,6 +38,7 @@ from typing import Any, Callable, NoReturn
 
 from saferollout.backends.base import Backend, Deployment, Endpoint, Progress
 from saferollout.errors import BackendError, Conflict, DeploymentFailed, GateFailed, NotFound
+from saferollout.processes import pid_alive
 from saferollout.specs import DeploymentSpec, EndpointSpec, parse_model_ref
 
 PROD_TAG = "PROD_DEPLOYMENT"
@@ -261,26 +262,43 @@ def default_owner() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+RUNNER_PID_ENV = "SAFEROLLOUT_RUNNER_PID"  # set by the runbook runner for its kernels: the lock's holder
+
+
+def holder_pid() -> int:
+    """The process that holds a lock taken here: the runbook runner when there is one, else this process."""
+    value = os.environ.get(RUNNER_PID_ENV, "")
+    return int(value) if value.isdigit() else os.getpid()
+
+
+def _holder_is_gone(held: dict) -> bool:
+    """A lock taken on this machine by a process that no longer runs (a killed runner) holds nothing."""
+    pid = held.get("pid")
+    return held.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
+
+
 def acquire_lock(backend: Backend, endpoint: str, owner: str, run_id: str = "", *,
                  break_stale_after_s: float | None = None, force: bool = False) -> dict:
     """Take the endpoint's rollout lock, or raise Conflict naming its holder and how to break it.
 
     Re-entrant: the same owner and run id get their lock back (a resumed run). A lock older than
-    `break_stale_after_s` seconds, or any lock with `force`, is broken. Tags have no compare-and-swap,
-    so the lock is written, then read back after a short pause: of two runs racing, the one whose
-    write landed last keeps it and the other gets Conflict.
+    `break_stale_after_s` seconds, or any lock with `force`, is broken; so is a lock whose holder ran on
+    this machine and is gone (a killed runner), so that running the runbook again after a kill goes on
+    to a completed rollout or a clean rollback. Tags have no compare-and-swap, so the lock is written,
+    then read back after a short pause: of two runs racing, the one whose write landed last keeps it and
+    the other gets Conflict.
     """
     ep = backend.get_endpoint(endpoint)
     held = _parse_lock(ep.tags.get(LOCK_TAG))
     now = time.time()
     if held is not None and not (held.get("owner") == owner and held.get("run", "") == run_id):
         age = now - float(held.get("since") or 0.0)
-        stale = break_stale_after_s is not None and age > break_stale_after_s
+        stale = (break_stale_after_s is not None and age > break_stale_after_s) or _holder_is_gone(held)
         if not (force or stale):
             raise Conflict(_lock_message(endpoint, held, age))
     if held is not None and held.get("owner") == owner and held.get("run", "") == run_id:
         return held
-    lock = {"owner": owner, "since": now, "run": run_id}
+    lock = {"owner": owner, "since": now, "run": run_id, "host": socket.gethostname(), "pid": holder_pid()}
     _update(backend, endpoint, set_tags={LOCK_TAG: json.dumps(lock, separators=(",", ":"))})
     time.sleep(LOCK_SETTLE_S)  # let a racing writer land before we read back
     mine = _parse_lock(backend.get_endpoint(endpoint).tags.get(LOCK_TAG))

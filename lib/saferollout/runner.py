@@ -392,12 +392,18 @@ def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     # or a relative default (./.saferollout) would name another platform there
     from saferollout.backends.local.daemon import resolve_home
 
-    previous = os.environ.get("SAFEROLLOUT_HOME")
-    os.environ["SAFEROLLOUT_HOME"] = str(resolve_home())
+    # and the runner's pid, so a rollout lock taken in a kernel names this process as its holder: if the
+    # runner is killed, running the runbook again finds the lock's holder gone and may take it over
+    from saferollout.rollout import RUNNER_PID_ENV
+
+    settings = {"SAFEROLLOUT_HOME": str(resolve_home()), RUNNER_PID_ENV: str(os.getpid())}
+    previous = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         return runner.run()
     finally:
-        if previous is None:
-            os.environ.pop("SAFEROLLOUT_HOME", None)
-        else:
-            os.environ["SAFEROLLOUT_HOME"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Sequence
 
 from saferollout.errors import BackendError, SpecError
+from saferollout.processes import pid_alive
 
 DEFAULT_MAX_IN_FLIGHT = 32
 DEFAULT_TIMEOUT_S = 30.0
@@ -354,28 +355,13 @@ def _stop_pid(pid: int, timeout_s: float) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    """Running (an exited child of ours that nobody reaped yet, a zombie, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): signal 0 is all we can ask
-    return state != "Z"
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -30,6 +30,7 @@ from saferollout.backends.local.instances import Instance, InstanceConfig, free_
 from saferollout.backends.local.metrics import RequestLog, aggregate, validate_query
 from saferollout.backends.local.store import Store, new_key
 from saferollout.errors import BackendError, Conflict, NotFound, SafeRolloutError, SpecError
+from saferollout.processes import pid_alive
 from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoint_spec_from_dict,
                                parse_model_ref, validate_mirror, validate_model_name, validate_traffic)
 
@@ -593,21 +594,6 @@ def _read_info(home: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:  # reap it first if it is our own exited child (a zombie still answers kill(pid, 0))
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _status(home: Path, info: dict[str, Any], timeout: float = 2.0) -> dict[str, Any] | None:
     try:
         resp = requests.get(f"http://127.0.0.1:{info['control_port']}/api/status",
@@ -621,7 +607,7 @@ def platform_status(home: str | os.PathLike | None = None) -> dict[str, Any]:
     """{'running': bool, ...status fields} for the workspace at `home`."""
     home = resolve_home(home)
     info = _read_info(home)
-    if info and _pid_alive(info["pid"]):
+    if info and pid_alive(info["pid"]):
         status = _status(home, info)
         if status:
             return {"running": True, **status}
@@ -664,7 +650,7 @@ def stop_platform(home: str | os.PathLike | None = None, timeout: float = 30.0) 
     """Stop the platform gracefully (instances drained and stopped); False if none was running."""
     home = resolve_home(home)
     info = _read_info(home)
-    if not info or not _pid_alive(info["pid"]):
+    if not info or not pid_alive(info["pid"]):
         return False
     try:
         requests.post(f"http://127.0.0.1:{info['control_port']}/api/shutdown",
@@ -672,9 +658,9 @@ def stop_platform(home: str | os.PathLike | None = None, timeout: float = 30.0) 
     except requests.RequestException:
         os.kill(info["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(info["pid"]):
+    while time.monotonic() < deadline and pid_alive(info["pid"]):
         time.sleep(0.05)
-    if _pid_alive(info["pid"]):
+    if pid_alive(info["pid"]):
         os.kill(info["pid"], signal.SIGKILL)
     return True
 
