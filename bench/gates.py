@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
+sys.path.insert(0, str(ROOT / "bench"))  # for publish, also when the tests load this file by path
 
 from saferollout.backends.base import RequestSample  # noqa: E402
 from saferollout.gates import run_gates  # noqa: E402
@@ -44,9 +42,10 @@ from saferollout.gates.ml import judge_agreement  # noqa: E402
 from saferollout.gates.sequential import SequentialGate, error_statistics, latency_statistics  # noqa: E402
 from saferollout.gates.threshold import judge_intervals  # noqa: E402
 
+import publish  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "gates.json"
 PLOT = ROOT / "bench" / "results" / "gates.png"
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Gates"
 
 RPS, RC_SHARE, HORIZON_S, POLL_S = 15.0, 0.10, 600.0, 5.0
@@ -435,29 +434,8 @@ NOTES = [
 ]
 
 
-def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "note": "simulated time: results do not depend on the machine's load"}
 
 
-def write_docs(text: str) -> None:
-    """Replace (or add) the `## Gates` section, leaving the other sections of the file alone."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    lines = current.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        DOCS.write_text(current.rstrip() + "\n\n" + text)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "\n".join(lines[end:])
-    DOCS.write_text("\n".join(lines[:start]).rstrip() + "\n\n" + text + ("\n" + rest + "\n" if rest else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     fast_path = check_fast_path()
-    data = {"environment": environment(), "settings": settings(), "fast_path_check": fast_path,
+    note = "simulated time: results do not depend on the machine's load"
+    data = {"environment": publish.environment(note, with_load=False), "settings": settings(), "fast_path_check": fast_path,
             **run(args.healthy_runs, args.regression_runs)}
     data["targets"] = targets(data["results"])
     data["notes"] = NOTES
@@ -478,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(data["results"])
     text = section(data)
     if not args.no_docs:
-        write_docs(text)
+        publish.write_section(SECTION, text)
     print(text)
     return 0
 

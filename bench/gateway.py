@@ -14,13 +14,10 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
@@ -31,9 +28,11 @@ from saferollout.backends.local.backend import LocalBackend
 from saferollout.backends.local.daemon import stop_platform
 from saferollout.specs import EndpointSpec, ProbeSettings, RequestSettings, load_deployment_spec
 
+import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
-DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Gateway"
 CONCURRENCY = (1, 8)
 TARGET = {"p50_ratio_max": 1.10, "throughput_ratio_min": 0.90}
 # Both deployments accept 8 requests per instance, so the gateway forwards the concurrency-8 load as it
@@ -129,15 +128,6 @@ def bodies_for(name: str, split: data.Split) -> list[bytes]:
     return [json.dumps({"data": [i, i + 1, i + 2]}).encode() for i in range(250)]
 
 
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-            "note": "client, gateway and instance share this machine; other work on it adds noise"}
 
 
 def markdown(result: dict) -> str:
@@ -185,18 +175,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    """Replace (or add) the `## Gateway` section, leaving the other sections of the file alone."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Gateway"), None)
-    if start is None:
-        DOCS.write_text(text.rstrip() + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "\n".join(lines[end:])
-    DOCS.write_text("\n".join(lines[:start]).rstrip() + "\n\n" + section + ("\n" + rest + "\n" if rest else ""))
 
 
 def verdict(cases: list[dict]) -> str:
@@ -218,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the docs section from bench/results/gateway.json without measuring")
     args = parser.parse_args(argv)
     if args.docs_only:
-        write_docs(markdown(json.loads(RESULTS.read_text())))
+        publish.write_section(SECTION, markdown(json.loads(RESULTS.read_text())))
         return 0
     split = data.split(seed=42)
     with tempfile.TemporaryDirectory(prefix="saferollout-bench-") as tmp:
@@ -229,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             targets = deploy(backend, model_dir)
             platform_pid = json.loads((home / "platform.json").read_text())["pid"]
-            result = {"environment": environment(), "target": TARGET, "cases": []}
+            note = "client, gateway and instance share this machine; other work on it adds noise"
+            result = {"environment": publish.environment(note), "target": TARGET, "cases": []}
             for name, target in targets.items():
                 bodies = bodies_for(name, split)
                 for concurrency in CONCURRENCY:
@@ -246,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_docs:
-        write_docs(markdown(result))
+        publish.write_section(SECTION, markdown(result))
     print(result["verdict"])
     return 0
 

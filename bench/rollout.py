@@ -19,34 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "rollout.json"
-DOCS = ROOT / "docs" / "benchmarks.md"
 RUNBOOK = ROOT / "runbooks" / "safe_rollout.yaml"
 EXAMPLE = ROOT / "examples" / "credit-risk"
 SECTION = "## Rollout"
 BASELINE_S = 15.0  # seconds of traffic to PROD alone, before any rollout, for comparison
-
-
-def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-            "note": "client, platform, instances and kernels share this machine; other work on it adds noise"}
 
 
 # ---- 1. the runner --------------------------------------------------------------------------------------
@@ -282,18 +269,6 @@ def _prod_failures(result: dict[str, Any]) -> int:
                if d != run.get("candidate"))
 
 
-def write_docs(section: str) -> None:
-    """Replace (or add) the `## Rollout` section, leaving the other sections of the file alone."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        DOCS.write_text(text.rstrip() + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "\n".join(lines[end:])
-    DOCS.write_text("\n".join(lines[:start]).rstrip() + "\n\n" + section + ("\n" + rest + "\n" if rest else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         result = json.loads(RESULTS.read_text())
         result["verdict"] = verdict(result)
-        write_docs(markdown(result))
+        publish.write_section(SECTION, markdown(result))
         return 0
 
     from saferollout.backends.local.daemon import stop_platform
 
-    result: dict[str, Any] = {"environment": environment(), "rps": args.rps}
+    note = "client, platform, instances and kernels share this machine; other work on it adds noise"
+    result: dict[str, Any] = {"environment": publish.environment(note), "rps": args.rps}
     with tempfile.TemporaryDirectory(prefix="saferollout-bench-home-") as home:
         os.environ["SAFEROLLOUT_HOME"] = home  # the runner's kernels and traffic process inherit it
         try:
@@ -331,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     section = markdown(result)
     if not args.no_docs:
-        write_docs(section)
+        publish.write_section(SECTION, section)
     print(section)
     return 0
 
