@@ -35,9 +35,8 @@ returns the exit code. `backend_factory()` returns the backend chosen by `--back
 call and reused), so a command that never needs one never starts a platform. A handler reports failures
 by raising `SafeRolloutError` (or a subclass); `main` alone turns it into the one-line error and the exit
 code, for every command. Results are printed with `saferollout.output.emit(result, args.output,
-args.query)`. A listed module that does not exist yet (a `ModuleNotFoundError` naming exactly that
-module) or that has no `register` is skipped; any other import error is a bug and propagates. Keep heavy
-imports inside the handler: every `saferollout` invocation imports the registered modules.
+args.query)`. Keep heavy imports inside the handler: every `saferollout` invocation imports the
+registered modules.
 """
 from __future__ import annotations
 
@@ -115,20 +114,8 @@ def build_parser(extra_modules: Sequence[str] | None = None) -> ArgumentParser:
     _local_commands(commands, common)
     _metrics_command(commands, common)
     for module_name in EXTRA_COMMAND_MODULES if extra_modules is None else extra_modules:
-        module = _import_command_module(module_name)
-        if module is not None:
-            module.register(commands)
+        importlib.import_module(module_name).register(commands)
     return parser
-
-
-def _import_command_module(name: str) -> Any:
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:  # not written yet: no such command for now
-            return None
-        raise
-    return module if callable(getattr(module, "register", None)) else None
 
 
 def _group(commands: Any, name: str, help_text: str) -> Any:
