@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -37,8 +38,17 @@ from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoi
 log = logging.getLogger("saferollout.platform")
 DEFAULT_HOME = ".saferollout"
 TOKEN_TTL_S = float(os.environ.get("SAFEROLLOUT_TOKEN_TTL_S", "3600"))
+ROUTING_SEED_ENV = "SAFEROLLOUT_ROUTING_SEED"
 START_TIMEOUT_S = 120.0
 ERROR_STATUS = {SpecError: 400, NotFound: 404, Conflict: 409}
+
+
+def routing_rng() -> random.Random:
+    """The gateway's traffic-split draws; SAFEROLLOUT_ROUTING_SEED makes them reproducible (tests, demos)."""
+    seed = os.environ.get(ROUTING_SEED_ENV, "").strip()
+    if seed and not seed.isdigit():
+        raise SpecError(f"{ROUTING_SEED_ENV} must be a whole number, got {seed!r}")
+    return random.Random(int(seed)) if seed else random.Random()
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
@@ -111,7 +121,8 @@ class Platform:
         self.request_log = RequestLog(home / "metrics.db")
         self.gateway = Gateway(self.request_log, self.store.signing_key(),
                                max_body_bytes=int(os.environ.get("SAFEROLLOUT_MAX_BODY_BYTES",
-                                                                 DEFAULT_MAX_BODY_BYTES)))
+                                                                 DEFAULT_MAX_BODY_BYTES)),
+                               rng=routing_rng())
         stored = self.store.get_meta("gateway_port")
         self.gateway_port = int(stored) if stored else (gateway_port or free_port())
         self.store.set_meta("gateway_port", str(self.gateway_port))
