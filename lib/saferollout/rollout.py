@@ -27,6 +27,7 @@ with the same fingerprint are interchangeable, which is how a re-run recognises 
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
@@ -258,7 +259,10 @@ def ensure_endpoint(backend: Backend, spec: EndpointSpec) -> Endpoint:
 
 def default_owner() -> str:
     """Who holds a lock: user@host, enough for a human to find the holder."""
-    user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+    try:
+        user = getpass.getuser()  # USER, LOGNAME..., else the password database (CI runners set no USER)
+    except (KeyError, OSError):
+        user = "unknown"
     return f"{user}@{socket.gethostname()}"
 
 
