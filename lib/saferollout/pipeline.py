@@ -159,6 +159,7 @@ def choose_gates(backend: Backend, gates: str | list[dict] | None, window_s: flo
 def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
     """Gates for the bake after promotion: the new PROD alone (no other deployment has traffic to compare
     with), held to absolute limits: no server errors and p90 latency under a second, interval after interval.
+    A model that fails is answered 424 by the gateway (as on Azure), not 5xx: it counts as a server error.
 
     As many complete metric intervals as the window holds (at most 5), leaving two for alignment:
     5-second intervals locally, 1-minute ones on Azure (Azure Monitor's finest grain). A window too short for
@@ -171,8 +172,8 @@ def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
                         f"in {grain_s}-second intervals, so use at least {3 * grain_s} (or 0 for no bake gate)")
     return [
         {"kind": "threshold", "name": "bake-errors", "metric": "RequestsPerMinute", "aggregation": "Total",
-         "filter": "deployment eq '{rc}' and statusCodeClass eq '5xx'", "condition": "lte", "threshold": 0,
-         "grain": grain, "intervals": intervals},
+         "filter": "deployment eq '{rc}' and (statusCodeClass eq '5xx' or statusCode eq '424')",
+         "condition": "lte", "threshold": 0, "grain": grain, "intervals": intervals},
         {"kind": "threshold", "name": "bake-latency", "metric": "RequestLatency_P90", "aggregation": "Average",
          "filter": "deployment eq '{rc}'", "condition": "lte", "threshold": 1000, "grain": grain,
          "intervals": intervals},

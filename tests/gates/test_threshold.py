@@ -89,3 +89,16 @@ def test_inconclusive_fails_at_the_limit_saying_why(context):
     verdict = ThresholdGate(preset="errors", max_duration_s=300).check(context(FakeBackend(), 300))
     assert verdict.decision == "fail"
     assert verdict.reason.startswith("no decision within 300s: RequestsPerMinute (Total): 5 of the last 5")
+
+
+def test_the_bake_error_gate_fails_a_new_prod_whose_model_fails(context):
+    """The gateway answers a failing model with 424 (as Azure does), never 5xx: the bake must count it."""
+    from saferollout import pipeline
+
+    class Local(FakeBackend):
+        name = "local"
+
+    rows = [(r[0], r[1], r[2], 424, r[4], r[5], r[6], 500) for r in stream("green", 120, T0, T0 + 30)]
+    errors = next(g for g in pipeline.choose_gates(Local(rows), "bake", 30) if g.name == "bake-errors")
+    verdict = errors.check(context(Local(rows), 30, prod=None))
+    assert verdict.decision == "fail", verdict.reason
