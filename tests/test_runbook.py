@@ -360,3 +360,45 @@ def test_a_runner_killed_between_steps_resumes_and_completes(tmp_path):
     assert [(s["id"], s["status"]) for s in resumed.summary["steps"]] == [("first", "ok"), ("second", "ok"),
                                                                           ("third", "ok")]
     assert resumed.summary["records"]["third"]["echo"] == "one three"
+
+
+def test_a_run_killed_while_rolling_back_resumes_the_rollback_not_the_failed_step(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # `second` fails while a flag file exists: a gate that failed once but could pass on another look
+    flag = tmp_path / "gate-fails"
+    flag.write_text("")
+    nb = tmp_path / "flaky.ipynb"
+    nb.write_text(ECHO.read_text().replace('"if fail:\\n"', f'"fail = __import__(\\"os\\").path.exists({str(flag)!r})\\n", "if fail:\\n"'))
+    body = """
+    name: killed-rollback
+    steps:
+      - {id: first, notebook: ECHO, parameters: {value: one}}
+      - {id: second, notebook: FLAKY, parameters: {value: two}}
+      - {id: third, notebook: ECHO, parameters: {value: three}}
+    on_failure:
+      - {id: cleanup, notebook: ECHO, parameters: {value: "${failure.step}", sleep_s: 60}}
+    """
+    book = write_runbook(tmp_path, body.replace("FLAKY", str(nb)))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "saferollout.runbook", str(book), "--run-dir", str(run_dir)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:  # kill as soon as the rollback started: `second` failed and is checkpointed
+            if "cleanup" in line and ">>" in line:
+                break
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    killed = json.loads((run_dir / "summary.json").read_text())
+    assert [(s["id"], s["status"]) for s in killed["steps"]] == [("first", "ok"), ("second", "failed")]
+    flag.unlink()
+    book.write_text(book.read_text().replace("sleep_s: 60", "sleep_s: 0"))
+    resumed = run_runbook(book, {}, run_dir=run_dir, echo=False)
+    assert resumed.status == "rolled_back" and resumed.exit_code == 1
+    assert [(s["id"], s["status"]) for s in resumed.summary["steps"]] == [("first", "ok"), ("second", "failed"),
+                                                                          ("cleanup", "ok")]
+    assert resumed.summary["failure"]["step"] == "second"
+    assert resumed.summary["records"]["cleanup"]["echo"] == "second"

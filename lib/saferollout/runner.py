@@ -256,10 +256,12 @@ class Runner:
         started = self.started_at = time.time()
         self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
         self.stop_orphaned_traffic()
-        failure: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = self.earlier_failure()
         on_failure_ok: bool | None = None
         try:
             for index, step in enumerate(self.steps, start=1):
+                if failure is not None:  # an earlier invocation failed (killed while rolling back): roll back
+                    break
                 if not self._selected(step):
                     continue
                 result = self.execute(step, index)
@@ -273,7 +275,7 @@ class Runner:
                                                                   "ename": "", "evalue": ""}
                 on_failure_ok = True
                 number = max([self.previous["last_index"], len(self.steps)] if self.only is not None
-                             else [len(self.results)]) + 1
+                             else [self.previous["last_index"], len(self.results)]) + 1
                 for offset, step in enumerate(self.book.on_failure, start=number):
                     on_failure_ok = self.execute(step, offset, failure).status != "failed" and on_failure_ok
         finally:
@@ -291,6 +293,15 @@ class Runner:
         self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
                            f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
         return RunResult(self.run_dir, status, summary)
+
+    def earlier_failure(self) -> dict[str, Any] | None:
+        """A resumed run (not step by step) whose earlier invocation had a step fail: that failure, so the run
+        goes on to on_failure. Running the failed step again could pass a gate that failed, and promote."""
+        if self.only is not None:
+            return None
+        planned = {s.id for s in self.steps}
+        failed = [r for r in self.previous["steps"] if r.id in planned and r.status == "failed"]
+        return (self.previous["failure"] or failed[-1].error) if failed else None
 
     def checkpoint(self) -> None:
         """summary.json after every step (status `running`): a killed run leaves its record, and resumes from it."""
