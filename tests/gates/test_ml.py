@@ -44,6 +44,14 @@ def test_quality_with_a_missing_metric_is_inconclusive_naming_it(context):
     assert verdict.reason == "model azureml:credit:5 of 'green' has no registered metric auc, log_loss"
 
 
+def test_quality_with_a_metric_that_is_nan_is_inconclusive_not_a_pass(context):
+    models = {**MODELS, ("credit", 6): Model("credit", 6, "/m6", properties={"auc": "nan", "accuracy": "0.75",
+                                                                             "log_loss": "0.50"})}
+    backend = FakeBackend(models=models, deployments={"blue": "azureml:credit:1", "green": "azureml:credit:6"})
+    verdict = QualityGate().check(context(backend, 0))
+    assert verdict.decision == "inconclusive" and "auc" in verdict.reason
+
+
 def test_quality_with_an_unknown_deployment_is_inconclusive(context):
     verdict = QualityGate().check(context(quality_backend(2), 0, rc="gren"))
     assert verdict.decision == "inconclusive" and "deployment 'gren' not found" in verdict.reason

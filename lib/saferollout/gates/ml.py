@@ -12,6 +12,7 @@ ml_agreement  the same requests scored by RC and PROD: the share of rows where t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,15 @@ def model_metrics(ctx: GateContext, deployment: str, names: list[str]) -> tuple[
         raise Inconclusive(f"model {ref} of {deployment!r} has no registered metric {', '.join(missing)}",
                            {"model": ref, "properties": sorted(properties)})
     try:
-        return ref, {m: float(properties[m]) for m in names}
+        values = {m: float(properties[m]) for m in names}
     except ValueError:
         raise Inconclusive(f"model {ref} has a metric that is not a number: "
                            f"{ {m: properties[m] for m in names} }") from None
+    not_finite = [m for m, v in values.items() if not math.isfinite(v)]
+    if not_finite:  # nan compares false with everything: it would never be "worse"
+        raise Inconclusive(f"model {ref} has a metric that is not a finite number: "
+                           f"{ {m: properties[m] for m in not_finite} }", {"model": ref})
+    return ref, values
 
 
 def judge_quality(rc: dict[str, float], prod: dict[str, float],
