@@ -402,3 +402,22 @@ def test_a_run_killed_while_rolling_back_resumes_the_rollback_not_the_failed_ste
                                                                           ("cleanup", "ok")]
     assert resumed.summary["failure"]["step"] == "second"
     assert resumed.summary["records"]["cleanup"]["echo"] == "second"
+
+
+def test_live_traffic_that_cannot_start_fails_the_step_and_rolls_back(tmp_path):
+    body = """
+    name: no-traffic
+    traffic: {endpoint: nowhere, rps: 5, backend: no-such-backend}
+    steps:
+      - {id: first, notebook: ECHO, parameters: {value: one}}
+      - {id: shift, notebook: ECHO, parameters: {value: two}, live_traffic: true}
+      - {id: third, notebook: ECHO, parameters: {value: three}}
+    on_failure:
+      - {id: cleanup, notebook: ECHO, parameters: {value: "${failure.step}"}}
+    """
+    result = run_runbook(write_runbook(tmp_path, body), {}, runs_dir=tmp_path / "runs", echo=False)
+    assert result.status == "rolled_back" and result.exit_code == 1
+    assert [(s["id"], s["status"]) for s in result.summary["steps"]] == [("first", "ok"), ("shift", "failed"),
+                                                                        ("cleanup", "ok")]
+    assert result.summary["failure"]["step"] == "shift" and "traffic generator" in result.summary["failure"]["message"]
+    assert (result.run_dir / "summary.json").exists()

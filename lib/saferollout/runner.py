@@ -175,7 +175,14 @@ class Runner:
             self.console.print(f"[red]xx {index:02d} {step.id}: {exc}[/red]")
             return result
         if step.live_traffic:
-            self.start_traffic()
+            try:
+                self.start_traffic()
+            except Exception as exc:  # noqa: BLE001 (no live traffic for the gates: the step fails, on_failure runs)
+                result.status, result.error = "failed", _failure(step, exc)
+                self.recorded[step.id] = result.records
+                self.checkpoint()
+                self.console.print(f"[red]xx {index:02d} {step.id}: {exc}[/red]", highlight=False)
+                return result
         output = self.run_dir / f"{index:02d}-{step.id}.ipynb"
         result.output, result.started_at = output.name, time.time()
         self.console.print(f"[bold]>> {index:02d} {step.id}[/bold] ({step.notebook.name})")
