@@ -131,6 +131,16 @@ def test_seed_preset_restores_the_seeds_gate_settings():
     assert all(g["intervals"] == 5 and g["grain"] == "PT1M" for g in gates)
 
 
+def test_a_bad_gate_list_is_refused_before_anything_is_deployed():
+    # found only by the validate notebook, it would come after the RC was given live traffic
+    book = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
+    with pytest.raises(SpecError, match=r"parameter gates=.*unknown gate kind 'bogus'"):
+        resolve_parameters(book, {"gates": '[{"kind": "bogus"}]'})
+    with pytest.raises(SpecError, match=r"parameter gates=.*unknown setting\(s\) treshold"):
+        resolve_parameters(book, {"gates": "[{kind: threshold, preset: errors, treshold: 3}]"})
+    assert resolve_parameters(book, {"gates": "aggregate"})["gates"] == "aggregate"
+
+
 # ---- references and conditions --------------------------------------------------------------------------
 def test_a_whole_reference_keeps_its_type_and_partial_ones_interpolate():
     ctx = {"parameters": {"n": 3, "steps": [10, 100]}, "steps": {"a": {"ok": True}}}

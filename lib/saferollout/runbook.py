@@ -44,7 +44,7 @@ from saferollout.specs import read_yaml, validate_name
 
 RECORD_MIMETYPE = "application/vnd.saferollout.record+json"
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
-PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path")
+PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path", "gates")
 RUNBOOK_KEYS = {"name", "description", "parameters", "traffic", "steps", "on_failure"}
 STEP_KEYS = {"id", "notebook", "parameters", "when", "live_traffic", "description"}
 GROUP_KEYS = {"foreach", "where", "when", "steps", "description"}
@@ -152,9 +152,23 @@ def percent_list(raw: Any) -> list[int]:
     return steps
 
 
+def gate_list(raw: Any) -> str:
+    """A gate list name (auto, aggregate, bake) or a JSON/YAML gate list, checked now, before anything is deployed."""
+    text = "" if raw is None else raw if isinstance(raw, str) else json.dumps(raw)
+    if text.strip() in ("", "auto", "default", "aggregate", "bake"):
+        return text
+    from saferollout.gates import build_gates
+
+    try:
+        build_gates(text)
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
 _COERCERS: dict[str, Callable[[Any], Any]] = {
     "str": lambda raw: "" if raw is None else str(raw), "int": _number(int), "float": _number(float),
-    "bool": _bool, "name": _name, "percent_list": percent_list, "path": lambda raw: str(raw),
+    "bool": _bool, "name": _name, "percent_list": percent_list, "path": lambda raw: str(raw), "gates": gate_list,
 }
 
 
