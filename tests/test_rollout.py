@@ -150,6 +150,24 @@ def test_first_release_deploys_prod_at_100_percent_and_running_it_again_changes_
     assert [d.name for d in local_backend.list_deployments(endpoint)] == ["blue"]
 
 
+def test_an_untagged_endpoint_with_live_traffic_is_not_taken_over_by_a_first_release(
+        local_backend, endpoint, spec, models):
+    # an endpoint made with `az ml` (no saferollout tags) already serving production from its own deployment
+    local_backend.create_deployment(spec.with_changes(name="live-one", model=models[0]), wait=True)
+    local_backend.update_endpoint(endpoint, traffic={"live-one": 100})
+    assert rollout.read_state(local_backend, endpoint).phase == Phase.EMPTY
+    with pytest.raises(Conflict, match=r"no PROD_DEPLOYMENT tag but serves live traffic \(live-one=100\)"):
+        rollout.deploy_candidate(local_backend, endpoint, spec, models[1])
+    assert local_backend.get_endpoint(endpoint).traffic == {"live-one": 100}
+    assert [d.name for d in local_backend.list_deployments(endpoint)] == ["live-one"]
+    # as the message says: name PROD, and the candidate becomes an RC at 0%
+    assert cli.main(["online-endpoint", "update", "-n", endpoint, "--set", f"tags.{rollout.PROD_TAG}=live-one",
+                     "-o", "none"]) == 0
+    state = rollout.deploy_candidate(local_backend, endpoint, spec, models[1])
+    assert (state.phase, state.prod, state.rc, state.traffic) == (Phase.RC_CREATED, "live-one", "blue",
+                                                                  {"live-one": 100})
+
+
 def test_candidate_goes_through_every_phase_to_a_completed_rollout(local_backend, released, spec, models, bodies):
     endpoint = released
     state = rollout.deploy_candidate(local_backend, endpoint, spec, models[1])

@@ -357,6 +357,12 @@ def deploy_candidate(backend: Backend, endpoint: str, spec: DeploymentSpec, mode
         _say(progress, f"{endpoint}: PROD {state.prod} already serves {model}: nothing to deploy")
         return state
     if state.phase == Phase.EMPTY:
+        live = " ".join(f"{k}={v}" for k, v in sorted(state.traffic.items()) if v > 0)
+        if live:  # not ours (an endpoint made without saferollout): a first release would take it all at once
+            raise Conflict(f"endpoint {endpoint!r} has no {PROD_TAG} tag but serves live traffic ({live}): a first "
+                           f"release would move all of it to {model} at once. Name the deployment serving production "
+                           f"and run again: `saferollout online-endpoint update -n {endpoint} "
+                           f"--set tags.{PROD_TAG}=<deployment>`")
         return _first_release(backend, state, deployments, spec, model, fingerprint, progress)
     if state.phase == Phase.PROMOTED:
         raise Conflict(f"endpoint {endpoint!r} has a promoted rollout that is not finished ({state.old_prod} "
