@@ -62,6 +62,13 @@ def test_dashboard_without_thresholds_draws_no_limit_lines():
                    for t in ax.get_legend().get_texts())
 
 
+def test_a_window_without_requests_says_so_instead_of_an_empty_legend():
+    empty = plots.Observation("ep", "PT5S", pd.DataFrame(), pd.DataFrame(), {p: pd.DataFrame() for p in plots.PERCENTILES})
+    lat_ax = plots.rollout_dashboard(empty).axes[0]
+    assert lat_ax.get_legend() is None
+    assert [t.get_text() for t in lat_ax.texts] == ["no requests in this window"]
+
+
 def test_gate_timeline_has_one_row_per_gate_coloured_by_decision():
     history = [{"gate": "errors", "decision": d, "window_start": 100.0, "checked_at": 100.0 + i}
                for i, d in enumerate(["inconclusive", "inconclusive", "pass"])]

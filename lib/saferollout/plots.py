@@ -156,7 +156,11 @@ def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = 
         lat_ax.axhline(latency_threshold_ms, color="#cf222e", linestyle="--", linewidth=1,
                        label=f"limit {latency_threshold_ms:.0f} ms")
     lat_ax.set(ylabel="latency (ms)", title=title or f"{obs.endpoint}: latency, errors and traffic split")
-    lat_ax.legend(fontsize=7, ncol=3, loc="upper left")
+    if lat_ax.get_legend_handles_labels()[0]:
+        lat_ax.legend(fontsize=7, ncol=3, loc="upper left")
+    else:  # e.g. an RC that never started: say so rather than leave an empty panel
+        lat_ax.text(0.5, 0.5, "no requests in this window", transform=lat_ax.transAxes, ha="center",
+                    color="#57606a")
 
     for dep in obs.errors.columns:
         err_ax.plot(obs.errors.index, obs.errors[dep], drawstyle="steps-post", color=colours.get(dep),
