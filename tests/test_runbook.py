@@ -53,6 +53,7 @@ def test_unknown_parameters_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize("name,value,message", [
     ("rps", "fast", "parameter rps='fast' is not a valid float"),
     ("rps", "0", "parameter rps='0' must be at least 0.1"),
+    ("rps", "inf", "parameter rps='inf' is not a valid float: not a finite number"),  # a gate that never times out
     ("fault", "boom", "parameter fault='boom' must be one of none, errors"),
     ("steps_list", "50,10,100", "percents must increase strictly"),
     ("steps_list", "10,50", "the last step must be 100"),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,10 @@ def _number(kind: type) -> Callable[[Any], Any]:
             raise ValueError("a boolean is not a number")
         if kind is int and isinstance(raw, float) and not raw.is_integer():
             raise ValueError("not a whole number")
-        return kind(str(raw).strip()) if isinstance(raw, str) else kind(raw)
+        value = kind(str(raw).strip()) if isinstance(raw, str) else kind(raw)
+        if not math.isfinite(value):  # inf passes any minimum: a gate window that never ends
+            raise ValueError("not a finite number")
+        return value
     return convert
 
 
