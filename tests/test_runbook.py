@@ -318,19 +318,26 @@ def test_a_run_resumed_in_its_directory_skips_the_steps_already_done(tmp_path):
 def test_only_a_live_traffic_generator_counts_as_orphaned(tmp_path):
     import subprocess
     import sys
+    import time
 
     from saferollout.runner import orphaned_generator
 
+    def started(proc):  # /proc/<pid>/cmdline can still show the parent's just after Popen returns
+        deadline = time.monotonic() + 10
+        while b"time.sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return proc
+
     pid_file = tmp_path / "traffic.pid"
     assert orphaned_generator(pid_file) is None  # no file
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]))
     try:
         pid_file.write_text(str(other.pid))
         assert orphaned_generator(pid_file) is None  # a reused pid is not ours to stop
     finally:
         other.kill()
         other.wait()
-    generator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "saferollout.traffic"])
+    generator = started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "saferollout.traffic"]))
     try:
         pid_file.write_text(str(generator.pid))
         assert orphaned_generator(pid_file) == generator.pid
