@@ -420,6 +420,7 @@ def test_a_run_killed_while_rolling_back_resumes_the_rollback_not_the_failed_ste
                                                                           ("cleanup", "ok")]
     assert resumed.summary["failure"]["step"] == "second"
     assert resumed.summary["records"]["cleanup"]["echo"] == "second"
+    assert resumed.summary["steps"][-1]["output"] == "03-cleanup.ipynb"  # numbered after the failed step
 
 
 def test_live_traffic_that_cannot_start_fails_the_step_and_rolls_back(tmp_path):

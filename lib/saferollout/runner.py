@@ -281,8 +281,9 @@ class Runner:
                 failure = failure or self.previous["failure"] or {"step": "unknown", "message": "rollback requested",
                                                                   "ename": "", "evalue": ""}
                 on_failure_ok = True
+                executed = [int(r.output.split("-", 1)[0]) for r in self.results if r.output]
                 number = max([self.previous["last_index"], len(self.steps)] if self.only is not None
-                             else [self.previous["last_index"], len(self.results)]) + 1
+                             else [self.previous["last_index"], *executed, len(self.results)]) + 1
                 for offset, step in enumerate(self.book.on_failure, start=number):
                     on_failure_ok = self.execute(step, offset, failure).status != "failed" and on_failure_ok
         finally:
