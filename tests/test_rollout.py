@@ -366,6 +366,22 @@ def test_a_lock_whose_holder_on_this_machine_is_gone_is_taken_over(local_backend
     rollout.release_lock(local_backend, endpoint)
 
 
+def test_a_resumed_run_reclaims_its_lock_so_no_other_run_can_take_it_over(local_backend, endpoint, monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv(rollout.RUNNER_PID_ENV, str(gone.pid))  # the runner that took the lock was killed
+    rollout.acquire_lock(local_backend, endpoint, "ci@here", "run-1")
+    monkeypatch.setenv(rollout.RUNNER_PID_ENV, str(os.getpid()))  # its run resumed in this process
+    assert rollout.reclaim_lock(local_backend, endpoint, "another-run") is None  # not its lock: untouched
+    lock = rollout.reclaim_lock(local_backend, endpoint, "run-1")
+    assert (lock["run"], lock["pid"], lock["owner"]) == ("run-1", os.getpid(), "ci@here")
+    with pytest.raises(Conflict, match="locked by ci@here \\(run run-1\\)"):
+        rollout.acquire_lock(local_backend, endpoint, "ci@here", "run-2")
+    rollout.release_lock(local_backend, endpoint)
+    assert rollout.reclaim_lock(local_backend, endpoint, "run-1") is None  # no lock: nothing to reclaim
+    assert rollout.reclaim_lock(local_backend, "ro-not-there", "run-1") is None
+
+
 def test_of_runs_racing_for_the_lock_one_wins_and_the_others_are_told_who(local_backend, endpoint):
     outcomes: dict[str, str] = {}
 

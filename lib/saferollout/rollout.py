@@ -311,6 +311,25 @@ def acquire_lock(backend: Backend, endpoint: str, owner: str, run_id: str = "", 
     return lock
 
 
+def reclaim_lock(backend: Backend, endpoint: str, run_id: str) -> dict | None:
+    """A continued run takes its own lock back: the holder becomes this process, on this machine.
+
+    The lock a run took names the runner that took it; once that runner was killed, another run could
+    take the lock over (its holder is gone) while the resumed run goes on. None if the endpoint, the lock
+    or a lock of this run is not there.
+    """
+    try:
+        held = _parse_lock(backend.get_endpoint(endpoint).tags.get(LOCK_TAG))
+    except NotFound:
+        return None
+    if held is None or not run_id or held.get("run") != run_id:
+        return None
+    lock = dict(held, host=socket.gethostname(), pid=holder_pid())
+    if lock != held:
+        _update(backend, endpoint, set_tags={LOCK_TAG: json.dumps(lock, separators=(",", ":"))})
+    return lock
+
+
 def _lock_message(endpoint: str, held: dict, age: float) -> str:
     run = f" (run {held['run']})" if held.get("run") else ""
     return (f"endpoint {endpoint!r} is locked by {held.get('owner')}{run} for {age:.0f} s: another rollout "

@@ -248,6 +248,17 @@ class Runner:
         summary["results_file"] = path.name
         return summary
 
+    def reclaim_lock(self) -> None:
+        """A continued run (resumed, or the next CI job) holds its rollout lock as this runner process."""
+        if not self.previous["steps"] or not self.book.traffic:
+            return
+        from saferollout import get_backend, rollout
+
+        settings = resolve(self.book.traffic, self.context())
+        backend = get_backend(str(settings.get("backend") or "local"))
+        if rollout.reclaim_lock(backend, str(settings["endpoint"]), self.run_id) is not None:
+            self.console.print(f"[dim]== the rollout lock on {settings['endpoint']} is held by this runner again[/dim]")
+
     # ---- the whole run ----------------------------------------------------------------------------------
     def _selected(self, step: Step) -> bool:
         """Run this step now? With --steps, if named; otherwise unless an earlier invocation on this run
@@ -263,6 +274,7 @@ class Runner:
         started = self.started_at = time.time()
         self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
         self.stop_orphaned_traffic()
+        self.reclaim_lock()
         failure: dict[str, Any] | None = self.earlier_failure()
         on_failure_ok: bool | None = None
         try:
