@@ -12,6 +12,7 @@ from saferollout.errors import SpecError
 class FakeBackend:
     def __init__(self, name: str, raw: bool):
         self.name, self.supports_raw_samples = name, raw
+        self.metrics_delay_s = 180.0 if name == "azure" else 0.0
 
 
 def test_auto_gates_follow_the_backend_and_take_overrides_by_kind():
@@ -36,10 +37,11 @@ def test_chosen_gates_are_limited_to_the_window():
 
 
 def test_bake_gates_use_minute_intervals_on_azure_and_refuse_a_window_too_short():
-    gates = pipeline.bake_gates(FakeBackend("azure", False), 300)
+    gates = pipeline.bake_gates(FakeBackend("azure", False), 480)
     assert {g["grain"] for g in gates} == {"PT1M"} and {g["intervals"] for g in gates} == {3}
-    with pytest.raises(SpecError, match="bake_window_s=60 is too short for the azure backend.*at least 180"):
-        pipeline.bake_gates(FakeBackend("azure", False), 60)
+    with pytest.raises(SpecError, match="bake_window_s=300 is too short for the azure backend.*complete 180 s "
+                                        "after they end, so use at least 360"):
+        pipeline.bake_gates(FakeBackend("azure", False), 300)
 
 
 def test_candidate_spec_injects_the_fault_and_refuses_unknown_ones():

@@ -166,10 +166,12 @@ def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
     even one complete interval is refused, since such a gate could only fail.
     """
     grain, grain_s = ("PT5S", 5) if backend.name == "local" else ("PT1M", 60)
-    intervals = min(5, int(window_s // grain_s) - 2)
+    delay_s = backend.metrics_delay_s  # an interval is judged only once its metrics are complete
+    intervals = min(5, int((window_s - delay_s) // grain_s) - 2)
     if intervals < 1:
         raise SpecError(f"bake_window_s={window_s:g} is too short for the {backend.name} backend: its metrics come "
-                        f"in {grain_s}-second intervals, so use at least {3 * grain_s} (or 0 for no bake gate)")
+                        f"in {grain_s}-second intervals, complete {delay_s:g} s after they end, so use at least "
+                        f"{delay_s + 3 * grain_s:g} (or 0 for no bake gate)")
     return [
         {"kind": "threshold", "name": "bake-errors", "metric": "RequestsPerMinute", "aggregation": "Total",
          "filter": "deployment eq '{rc}' and (statusCodeClass eq '5xx' or statusCode eq '424')",

@@ -52,6 +52,7 @@ class FakeBackend:
         self.pairs = list(pairs)
         self.scorers = scorers or {}
         self.supports_raw_samples = raw_samples
+        self.metrics_delay_s = 0.0
         self.supports_mirrored_pairs = mirrored
         self.invocations = 0
 

@@ -38,6 +38,15 @@ def test_errors_preset_passes_five_clean_minutes(context):
     assert verdict.evidence["query"]["filter"] == "deployment eq 'green' and statusCodeClass ne '2xx'"
 
 
+def test_a_minute_is_judged_only_once_the_backend_has_all_of_it(context):
+    """On Azure the newest minutes are partial for a while: a half-counted bad minute must not pass."""
+    backend = FakeBackend(rows_per_minute(5))
+    backend.metrics_delay_s = 180.0
+    verdict = ThresholdGate(preset="errors").check(context(backend, 300))
+    assert verdict.decision == "inconclusive" and verdict.evidence["values"] == [0.0] * 2
+    assert ThresholdGate(preset="errors").check(context(backend, 480)).decision == "pass"
+
+
 def test_errors_preset_fails_as_soon_as_a_minute_has_too_many_errors(context):
     backend = FakeBackend(rows_per_minute(2, {1: 6}))
     verdict = ThresholdGate(preset="errors").check(context(backend, 120))

@@ -201,6 +201,8 @@ class Backend(Protocol):
 
     name: str
     supports_raw_samples: bool
+    # seconds after an interval ends before its metrics are complete (Azure Monitor ingests with a delay)
+    metrics_delay_s: float
 
     # models
     def register_model(self, name: str, path: str, *, description: str = "",

@@ -90,7 +90,8 @@ class ThresholdGate(GateBase):
         if not series:
             raise Inconclusive(f"the metric query returned no series: the filter {query_filter!r} "
                                "matched nothing", {"query": query})
-        values = complete_intervals(series[0].points, ctx.start, ctx.now, grain_s)
+        # an interval counts once the backend has all of it: Azure Monitor's newest minutes are partial
+        values = complete_intervals(series[0].points, ctx.start, ctx.now - ctx.backend.metrics_delay_s, grain_s)
         decision, reason, evidence = judge_intervals(values, condition=self.condition,
                                                      threshold=self.threshold, intervals=self.intervals)
         return decision, f"{self.metric} ({self.aggregation}): {reason}", dict(evidence, query=query)

@@ -38,6 +38,7 @@ class AzureBackend:
 
     name = "azure"
     supports_raw_samples = False
+    metrics_delay_s = 180.0  # Azure Monitor's ingestion delay, about 1-3 minutes (docs/azure.md)
     supports_mirrored_pairs = False
 
     def __init__(self, *, subscription_id: str | None = None, resource_group: str | None = None,

@@ -42,6 +42,7 @@ class LocalBackend:
 
     name = "local"
     supports_raw_samples = True
+    metrics_delay_s = 0.0  # a query flushes the request log first
     supports_mirrored_pairs = True
 
     def __init__(self, home: str | os.PathLike | None = None, autostart: bool = True):
