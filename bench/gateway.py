@@ -164,17 +164,17 @@ def markdown(result: dict) -> str:
               "In a py-spy profile of the gateway the socket calls (connect, send) take the largest share and "
               "our own code (auth, routing, recording) a few percent. Sending the request to the instance in one "
               "HTTP/1.0 write instead of through aiohttp's client cut that half's CPU from 0.51 to 0.32 ms per "
-              "request (microbenchmark, same machine). At concurrency 8 one sync worker is the bottleneck and the "
-              "gateway's CPU competes with it for the two cores, which is what the throughput ratio shows. "
+              "request (microbenchmark, same machine). That fixed cost weighs most where the model is fastest: "
+              f"here the credit model's direct p50 was {credit['direct']['p50_ms']:.1f} ms. At concurrency 8 one "
+              "sync worker is the bottleneck and the gateway's CPU competes with it for the two cores. "
               "The gateway's CPU per request is higher for the credit model than for echo although the code path "
-              "is the same: between two requests it sleeps for the model's ~12 ms and wakes with cold caches (an "
-              "echo deployment that sleeps 12 ms in run() costs the gateway 1.56 ms per request against 0.9 ms "
-              "without the sleep). These figures come from a machine shared with other work, where ratios move by "
-              "several hundredths from run to run; we have no idle-machine run to compare.",
+              "is the same: between two requests it sleeps for the model's time and wakes with cold caches (an "
+              "echo deployment that sleeps 12 ms in run() cost the gateway 1.56 ms per request against 0.9 ms "
+              "without the sleep). Client, gateway and instance share the machine, and ratios move by several "
+              "hundredths from run to run (an earlier run at load 4.4 gave, for the credit model, p50 ratios 1.09 "
+              "and 1.20 and throughput ratios 0.88 and 0.88 at concurrency 1 and 8).",
               ""]
     return "\n".join(lines)
-
-
 
 
 def verdict(cases: list[dict]) -> str:
