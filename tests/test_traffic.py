@@ -187,6 +187,22 @@ def test_background_generator_can_be_stopped_from_another_process_by_its_results
     assert result is not None and result.failed == 0 and result.sent == len(results.read_text().splitlines())
 
 
+def test_background_generator_stops_by_itself_when_the_process_it_serves_ends(live_endpoint, platform_home, tmp_path):
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])  # a runner, killed soon
+    results = tmp_path / "traffic.jsonl"
+    proc = traffic.start_background(live_endpoint, 20, duration_s=None, results_path=results,
+                                    home=str(platform_home), stop_with_pid=runner.pid)
+    try:
+        runner.wait()
+        assert proc.wait(15) == 0  # ended on its own, in-flight requests completed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = traffic.summarize(results)
+    assert result.sent > 0 and result.failed == 0
+
+
 def test_background_generator_that_cannot_start_says_why(platform_home, tmp_path):
     with pytest.raises(BackendError, match="exited with code 1 before sending: .*endpoint 'no-such-ep' not found"):
         traffic.start_background("no-such-ep", 10, duration_s=1, results_path=tmp_path / "t.jsonl",

@@ -220,7 +220,7 @@ class Runner:
         self.traffic_proc = traffic.start_background(
             str(settings["endpoint"]), float(settings.get("rps") or 10), duration_s=None,
             results_path=self.run_dir / "traffic.jsonl", backend=str(settings.get("backend") or "local"),
-            home=os.environ.get("SAFEROLLOUT_HOME"))
+            home=os.environ.get("SAFEROLLOUT_HOME"), stop_with_pid=os.getpid())
 
     def stop_orphaned_traffic(self) -> None:
         """A run killed while its live traffic flowed left the generator running: stop it before resuming."""

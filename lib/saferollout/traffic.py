@@ -284,18 +284,21 @@ def summarize(results_path: str | Path) -> TrafficResult:
 
 def start_background(endpoint: str, rps: float, *, duration_s: float | None, results_path: str | Path,
                      backend: str = "local", home: str | None = None, batch_size: int = 1,
-                     wait_started: bool = True) -> subprocess.Popen:
+                     wait_started: bool = True, stop_with_pid: int | None = None) -> subprocess.Popen:
     """Run `python -m saferollout.traffic` (the `saferollout traffic` command) detached from the caller.
 
     Its output goes to `<results>.log` and its pid to `<results>.pid`. With `wait_started`, returns once
     the generator has begun (its results file exists), or raises BackendError with the log if it died.
-    `duration_s=None` runs until `stop_background` (at most UNBOUNDED_CAP_S).
+    `duration_s=None` runs until `stop_background` (at most UNBOUNDED_CAP_S), or until the process
+    `stop_with_pid` ends (a runner that was killed leaves no live traffic behind).
     """
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "saferollout.traffic", "-n", endpoint, "--rps", str(rps),
                "--duration", str(duration_s if duration_s else 0), "--results", str(results_path),
                "--batch-size", str(batch_size), "--backend", backend, "--quiet", "-o", "none"]
+    if stop_with_pid is not None:
+        command += ["--stop-with", str(stop_with_pid)]
     env = dict(os.environ)
     if home:
         env["SAFEROLLOUT_HOME"] = str(home)
@@ -389,6 +392,8 @@ def register(subparsers: Any) -> None:
                         help=f"bound on requests awaiting an answer (default {DEFAULT_MAX_IN_FLIGHT})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--stop-with", type=int, metavar="PID", default=None,
+                        help="stop when the process PID ends (e.g. the runner that started this generator)")
     parser.set_defaults(handler=traffic_command)
 
 
@@ -412,9 +417,9 @@ def traffic_command(args: Any, backend_factory: Callable[[], Any]) -> int:
                               results_path=args.results, max_in_flight=args.max_in_flight)
     _stop_on_sigterm(generator)
     if args.quiet:
-        result = _run_interruptibly(generator)
+        result = _run_interruptibly(generator, args.stop_with)
     else:
-        result = _run_with_progress(generator, args.name)
+        result = _run_with_progress(generator, args.name, args.stop_with)
     emit(result.to_dict(), getattr(args, "output", "json"), getattr(args, "query", None))
     return 0
 
@@ -425,17 +430,18 @@ def _stop_on_sigterm(generator: LoadGenerator) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: generator.request_stop())
 
 
-def _run_interruptibly(generator: LoadGenerator) -> TrafficResult:
+def _run_interruptibly(generator: LoadGenerator, stop_with: int | None = None) -> TrafficResult:
     generator.start()
     try:
         while not generator.wait(0.2):
-            pass
+            if stop_with is not None and not pid_alive(stop_with):
+                break  # whoever wanted this traffic is gone
     except KeyboardInterrupt:
         pass
     return generator.stop()
 
 
-def _run_with_progress(generator: LoadGenerator, endpoint: str) -> TrafficResult:
+def _run_with_progress(generator: LoadGenerator, endpoint: str, stop_with: int | None = None) -> TrafficResult:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = generator.duration_s
@@ -451,7 +457,7 @@ def _run_with_progress(generator: LoadGenerator, endpoint: str) -> TrafficResult
                        ok=result.ok, failed=result.failed, p50="-" if p50 is None else f"{p50:.0f}")
 
         generator.progress = show
-        return _run_interruptibly(generator)
+        return _run_interruptibly(generator, stop_with)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
