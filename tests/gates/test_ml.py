@@ -116,6 +116,26 @@ def test_agreement_with_answers_that_are_not_predictions_is_inconclusive(context
     assert verdict.decision == "inconclusive" and "is not JSON with a 'predictions' list" in verdict.reason
 
 
+@pytest.mark.parametrize("content, message", [
+    ("[{\"data\": []}", "is not JSON"),
+    ("{\"data\": []}", "must hold a JSON list of request bodies"),
+    (json.dumps([{"data": [{"credit_amount": 1}]}] * 3), "holds 3 request bodies; the gate compares n=5"),
+])
+def test_agreement_with_a_bad_or_short_requests_file_is_inconclusive_naming_it(context, tmp_path, content, message):
+    path = tmp_path / "requests.json"
+    path.write_text(content)
+    fake = FakeBackend(scorers={"green": scorer(), "blue": scorer()})
+    verdict = AgreementGate(requests=str(path), n=5).check(context(fake, 0))
+    assert verdict.decision == "inconclusive" and message in verdict.reason and fake.invocations == 0
+
+
+def test_agreement_refuses_to_pair_answers_of_different_lengths(context, tmp_path):
+    short = lambda body: (200, {"predictions": [], "probabilities": []})  # noqa: E731
+    fake = FakeBackend(scorers={"green": short, "blue": scorer()})
+    verdict = AgreementGate(requests=requests_file(tmp_path), n=5).check(context(fake, 0))
+    assert verdict.decision == "inconclusive" and "different numbers of rows (0 and 1)" in verdict.reason
+
+
 def pair(i, rc_prob, prod_prob):
     answer = lambda p: json.dumps({"predictions": [int(p >= 0.5)], "probabilities": [p]}).encode()
     return MirroredPair(T0 + i, ENDPOINT, f"r{i}", b"{}", "blue", 200, answer(prod_prob), "green", 200, answer(rc_prob))

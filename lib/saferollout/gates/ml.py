@@ -142,7 +142,14 @@ def load_requests(source: str, n: int, batch_size: int) -> list[bytes]:
     path = Path(source)
     if not path.is_file():
         raise Inconclusive(f"the requests file {source!r} does not exist")
-    bodies = json.loads(path.read_text())
+    try:
+        bodies = json.loads(path.read_text())
+    except ValueError as exc:
+        raise Inconclusive(f"the requests file {source!r} is not JSON: {exc}") from None
+    if not isinstance(bodies, list):
+        raise Inconclusive(f"the requests file {source!r} must hold a JSON list of request bodies")
+    if len(bodies) < n:  # never judge on fewer requests than configured
+        raise Inconclusive(f"the requests file {source!r} holds {len(bodies)} request bodies; the gate compares n={n}")
     return [json.dumps(b).encode() for b in bodies][:n]
 
 
@@ -219,7 +226,10 @@ class AgreementGate(GateBase):
 
 def _extend(out, rc_answer, prod_answer) -> None:
     (rc_pred, rc_prob), (prod_pred, prod_prob) = rc_answer, prod_answer
-    rows = min(len(rc_pred), len(prod_pred))
+    if not len(rc_pred) == len(prod_pred) == len(rc_prob) == len(prod_prob):
+        raise Inconclusive(f"RC and PROD answered the same request with different numbers of rows "
+                           f"({len(rc_pred)} and {len(prod_pred)}): their answers cannot be paired")
+    rows = len(rc_pred)
     out[0].extend(rc_pred[:rows])
     out[1].extend(prod_pred[:rows])
     out[2].extend(rc_prob[:rows])
