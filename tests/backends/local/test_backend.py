@@ -129,3 +129,15 @@ def test_tags_update_keeps_traffic(local_backend, live):
     assert after.tags == {"PROD_DEPLOYMENT": "blue", "RC_DEPLOYMENT": "green"}
     assert after.traffic == before.traffic and after.scoring_uri == before.scoring_uri
     local_backend.update_endpoint(live, tags=before.tags)
+
+
+def test_processes_creating_a_workspace_at_once_agree_on_one_private_admin_token(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from saferollout.backends.local.daemon import admin_token
+
+    with ProcessPoolExecutor(4) as pool:
+        tokens = set(pool.map(admin_token, [tmp_path] * 16))
+    assert len(tokens) == 1 and len(tokens.pop()) >= 40
+    assert (tmp_path / "admin.token").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["admin.token"]  # no drafts left behind

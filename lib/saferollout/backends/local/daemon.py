@@ -59,10 +59,19 @@ def admin_token(home: Path) -> str:
     """The workspace admin token, created once with mode 0600."""
     path = home / "admin.token"
     if not path.exists():
+        # written whole under a private name, then linked into place: two processes starting a new
+        # workspace at once agree on one token, and neither can read a half-written file
         home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        draft = home / f".admin.token.{os.getpid()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process won: use its token
+        finally:
+            draft.unlink()
     return path.read_text().strip()
 
 
