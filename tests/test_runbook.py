@@ -142,6 +142,15 @@ def test_a_bad_gate_list_is_refused_before_anything_is_deployed():
     assert resolve_parameters(book, {"gates": "aggregate"})["gates"] == "aggregate"
 
 
+def test_a_gate_list_the_backend_cannot_feed_is_refused_before_anything_is_deployed():
+    book = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
+    sequential = '[{"kind": "sequential", "metric": "errors"}]'
+    with pytest.raises(SpecError, match=r"parameter gates: gate 'errors-sequential' \(sequential\) needs raw request "
+                                        r"samples, which the azure backend does not provide: use kind: compare"):
+        resolve_parameters(book, {"backend": "azure", "gates": sequential})
+    assert resolve_parameters(book, {"backend": "local", "gates": sequential})["gates"] == sequential
+
+
 # ---- references and conditions --------------------------------------------------------------------------
 def test_a_whole_reference_keeps_its_type_and_partial_ones_interpolate():
     ctx = {"parameters": {"n": 3, "steps": [10, 100]}, "steps": {"a": {"ok": True}}}

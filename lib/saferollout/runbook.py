@@ -337,7 +337,25 @@ def resolve_parameters(book: Runbook, overrides: Mapping[str, Any]) -> dict[str,
                 raise SpecError(f"preset {name}={values[name]} sets unknown parameter {key!r}")
             if key not in overrides:
                 values[key] = book.parameters[key].coerce(raw)
+    _check_gates_fit_the_backend(book, values)
     return values
+
+
+def _check_gates_fit_the_backend(book: Runbook, values: Mapping[str, Any]) -> None:
+    """An explicit gate list the chosen backend cannot feed (raw samples on Azure) is refused now, not after
+    the RC has live traffic."""
+    if book.parameters.get("gates") is None or book.parameters["gates"].type != "gates" or "backend" not in values:
+        return
+    text = str(values["gates"] or "")
+    if text.strip() in ("", "auto", "default", "aggregate", "bake"):
+        return
+    from saferollout.backends import backend_class
+    from saferollout.gates import build_gates, gates_for_backend
+
+    try:
+        gates_for_backend(build_gates(text), backend_class(str(values["backend"])))
+    except SpecError as exc:
+        raise SpecError(f"parameter gates: {exc}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
