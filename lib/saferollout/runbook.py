@@ -156,10 +156,14 @@ def percent_list(raw: Any) -> list[int]:
     return steps
 
 
+# gate lists the pipeline picks by name (pipeline.gate_config); anything else is a gate list to build
+GATE_LIST_NAMES = ("", "auto", "default", "aggregate", "bake")
+
+
 def gate_list(raw: Any) -> str:
     """A gate list name (auto, aggregate, bake) or a JSON/YAML gate list, checked now, before anything is deployed."""
     text = "" if raw is None else raw if isinstance(raw, str) else json.dumps(raw)
-    if text.strip() in ("", "auto", "default", "aggregate", "bake"):
+    if text.strip() in GATE_LIST_NAMES:
         return text
     from saferollout.gates import build_gates
 
@@ -347,7 +351,7 @@ def _check_gates_fit_the_backend(book: Runbook, values: Mapping[str, Any]) -> No
     if book.parameters.get("gates") is None or book.parameters["gates"].type != "gates" or "backend" not in values:
         return
     text = str(values["gates"] or "")
-    if text.strip() in ("", "auto", "default", "aggregate", "bake"):
+    if text.strip() in GATE_LIST_NAMES:
         return
     from saferollout.backends import backend_class
     from saferollout.gates import build_gates, gates_for_backend
