@@ -5,7 +5,6 @@ platform is stopped (and its instances with it) when the session ends, even afte
 """
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -41,16 +40,12 @@ def credit_model_dir(tmp_path_factory, credit_split) -> Path:
 def platform_home(tmp_path_factory):
     """A workspace whose platform runs for the whole session and is stopped at its end."""
     home = tmp_path_factory.mktemp("saferollout-home")
-    previous = os.environ.get("SAFEROLLOUT_HOME")
-    os.environ["SAFEROLLOUT_HOME"] = str(home)  # notebooks and CLI subprocesses find the same platform
-    try:
-        yield home
-    finally:
-        stop_platform(home)
-        if previous is None:
-            os.environ.pop("SAFEROLLOUT_HOME", None)
-        else:
-            os.environ["SAFEROLLOUT_HOME"] = previous
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SAFEROLLOUT_HOME", str(home))  # notebooks and CLI subprocesses find the same platform
+        try:
+            yield home
+        finally:
+            stop_platform(home)
 
 
 @pytest.fixture(scope="session")

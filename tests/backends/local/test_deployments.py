@@ -11,8 +11,9 @@ from saferollout import data
 from saferollout.backends.local.instances import STARTUP_NICENESS
 from saferollout.errors import Conflict, DeploymentFailed, NotFound, SpecError
 from saferollout.specs import load_deployment_spec
+from saferollout.processes import pid_alive
 
-from echo_platform import deploy_all, echo_spec, new_endpoint, pid_alive, wait_for
+from echo_platform import deploy_all, echo_spec, new_endpoint, wait_for
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import pytest
 import requests
 
 from saferollout.backends.local.daemon import platform_status, start_platform, stop_platform
+from saferollout.processes import pid_alive
 
-from echo_platform import auth, deploy_all, echo_spec, new_endpoint, pid_alive, wait_for
+from echo_platform import auth, deploy_all, echo_spec, new_endpoint, wait_for
 
 
 def child_pids(pid: int) -> list[int]:
