@@ -186,6 +186,7 @@ class RequestSample:
     mirrored: bool = False
     request_id: str = ""
     model_status_code: int | None = None
+    pinned: bool = False  # sent with the `azureml-model-deployment` header: not routed by the traffic split
 
     @property
     def status_class(self) -> str:

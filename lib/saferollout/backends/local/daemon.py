@@ -475,7 +475,8 @@ def control_app(platform: Platform) -> web.Application:
         rows = await asyncio.to_thread(p.request_log.rows, m(r)["endpoint"], float(q["start"]), float(q["end"]))
         keep_mirrored = q.get("include_mirrored") == "true"
         return [{"timestamp": row[0], "endpoint": row[1], "deployment": row[2], "status_code": row[3],
-                 "latency_ms": row[4], "mirrored": bool(row[5]), "request_id": row[6], "model_status_code": row[7]}
+                 "latency_ms": row[4], "mirrored": bool(row[5]), "request_id": row[6], "model_status_code": row[7],
+                 "pinned": bool(row[8])}
                 for row in rows if (not q.get("deployment") or row[2] == q["deployment"])
                 and (keep_mirrored or not row[5])]
 

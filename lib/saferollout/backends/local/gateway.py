@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -230,7 +231,7 @@ class Gateway:
             if pool is None:
                 return _reply(404, f"deployment {pinned!r} not found on endpoint {route.name!r}", request_id)
             if pool.failed:
-                return self._finish(route, pool, 424, started, arrival, request_id, None,
+                return self._finish(route, pool, 424, started, arrival, request_id, None, pinned=True,
                                     message=f"deployment {pinned!r} failed and cannot serve requests")
         else:
             pool = route.choose(self.rng)
@@ -238,7 +239,7 @@ class Gateway:
                 return _reply(404, f"no deployment to route to: endpoint {route.name!r} has no traffic set",
                               request_id)
         response = await self._forward(route, pool, body, content_type or "application/json",
-                                       started, arrival, request_id)
+                                       started, arrival, request_id, pinned=bool(pinned))
         if not pinned and route.mirror:
             self._maybe_mirror(route, body, content_type or "application/json", request_id, pool.name,
                                response)
@@ -257,26 +258,27 @@ class Gateway:
         return check_token(self.signing_key, route.name, credential, self.clock())
 
     async def _forward(self, route: EndpointRoute, pool: DeploymentPool, body: bytes, content_type: str,
-                       started: float, arrival: float, request_id: str) -> web.Response:
+                       started: float, arrival: float, request_id: str, *, pinned: bool = False) -> web.Response:
+        finish = functools.partial(self._finish, pinned=pinned)
         if pool.in_flight >= pool.admission_limit:
-            return self._finish(route, pool, 429, started, arrival, request_id, None,
+            return finish(route, pool, 429, started, arrival, request_id, None,
                                 message=f"too many requests for deployment {pool.name!r}: "
                                         f"{pool.in_flight} in flight, limit {pool.admission_limit}")
         if not pool.servable():
-            return self._finish(route, pool, 424, started, arrival, request_id, None,
+            return finish(route, pool, 424, started, arrival, request_id, None,
                                 message=f"deployment {pool.name!r} has no running instance")
         pool.in_flight += 1
         try:
             status, payload, model_status = await asyncio.wait_for(
                 self._call_instance(pool, body, content_type), pool.timeout_ms / 1000.0)
         except asyncio.TimeoutError:
-            return self._finish(route, pool, 408, started, arrival, request_id, None,
+            return finish(route, pool, 408, started, arrival, request_id, None,
                                 message=f"request timed out after {pool.timeout_ms} ms (request_timeout_ms)")
         finally:
             pool.in_flight -= 1
         if status == 200:
-            return self._finish(route, pool, 200, started, arrival, request_id, model_status, payload=payload)
-        return self._finish(route, pool, 424, started, arrival, request_id, model_status,
+            return finish(route, pool, 200, started, arrival, request_id, model_status, payload=payload)
+        return finish(route, pool, 424, started, arrival, request_id, model_status,
                             message=f"model server answered {model_status}" if model_status
                             else "model server is unavailable", detail=payload)
 
@@ -293,10 +295,11 @@ class Gateway:
 
     def _finish(self, route: EndpointRoute, pool: DeploymentPool, status: int, started: float, arrival: float,
                 request_id: str, model_status: int | None, payload: bytes | None = None,
-                message: str = "", detail: bytes | None = None, mirrored: bool = False) -> web.Response:
+                message: str = "", detail: bytes | None = None, mirrored: bool = False,
+                pinned: bool = False) -> web.Response:
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.request_log.record((arrival, route.name, pool.name, status, latency_ms, int(mirrored),
-                                 request_id, model_status))
+                                 request_id, model_status, int(pinned)))
         status_class = f"{status // 100}xx"
         self.requests_total.labels(route.name, pool.name, status_class, str(mirrored).lower()).inc()
         self.latency.labels(route.name, pool.name).observe(latency_ms / 1000.0)
@@ -338,7 +341,7 @@ class Gateway:
             finally:
                 pool.in_flight -= 1
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self.request_log.record((arrival, route.name, pool.name, status, latency_ms, 1, request_id, model_status))
+        self.request_log.record((arrival, route.name, pool.name, status, latency_ms, 1, request_id, model_status, 0))
         self.requests_total.labels(route.name, pool.name, f"{status // 100}xx", "true").inc()
         self.request_log.record_pair((arrival, route.name, request_id, body[:PAIR_BODY_LIMIT], live_deployment,
                                       live_status, bytes(live_body[:PAIR_BODY_LIMIT]), pool.name, status,

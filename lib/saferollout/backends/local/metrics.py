@@ -24,7 +24,8 @@ from saferollout.errors import SpecError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     ts REAL NOT NULL, endpoint TEXT NOT NULL, deployment TEXT NOT NULL, status INTEGER NOT NULL,
-    latency_ms REAL NOT NULL, mirrored INTEGER NOT NULL, request_id TEXT NOT NULL, model_status INTEGER);
+    latency_ms REAL NOT NULL, mirrored INTEGER NOT NULL, request_id TEXT NOT NULL, model_status INTEGER,
+    pinned INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (endpoint, ts);
 CREATE TABLE IF NOT EXISTS mirrored_pairs (
     ts REAL NOT NULL, endpoint TEXT NOT NULL, request_id TEXT NOT NULL, request_body BLOB NOT NULL,
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS mirrored_pairs (
 CREATE INDEX IF NOT EXISTS pairs_by_time ON mirrored_pairs (endpoint, ts);
 """
 # Row order of `requests`, which is also the tuple the gateway records.
-RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status)
+RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned)
 RETENTION_S = 7 * 24 * 3600
 PAIR_BODY_LIMIT = 64 * 1024
 
@@ -51,6 +52,7 @@ class RequestLog:
         self._interval = interval_s
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        self._add_pinned_column()
         self._writer.execute("DELETE FROM requests WHERE ts < ?", (time.time() - RETENTION_S,))
         self._writer.execute("DELETE FROM mirrored_pairs WHERE ts < ?", (time.time() - RETENTION_S,))
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
@@ -61,6 +63,12 @@ class RequestLog:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         return db
+
+    def _add_pinned_column(self) -> None:
+        """A log written before requests were marked pinned gets the column (its rows count as routed)."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(requests)")}
+        if "pinned" not in columns:
+            self._writer.execute("ALTER TABLE requests ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
 
     def record(self, row: RequestRow) -> None:
         with self._lock:
@@ -80,7 +88,7 @@ class RequestLog:
         with self._write_lock:
             self._writer.execute("BEGIN")
             if rows:
-                self._writer.executemany("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?)", rows)
+                self._writer.executemany("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)", rows)
             if pairs:
                 self._writer.executemany("INSERT INTO mirrored_pairs VALUES (?,?,?,?,?,?,?,?,?,?)", pairs)
             self._writer.execute("COMMIT")
@@ -99,7 +107,7 @@ class RequestLog:
         self.flush()
         with self._write_lock:
             cur = self._writer.execute(
-                "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status "
+                "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned "
                 "FROM requests WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
             return cur.fetchall()
 
