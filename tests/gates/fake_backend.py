@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from saferollout.backends.base import (Deployment, InvokeResult, MetricPoint, MetricSeries, MirroredPair, Model,
+from saferollout.backends.base import (Deployment, Endpoint, InvokeResult, MetricPoint, MetricSeries, MirroredPair, Model,
                                        RequestSample)
 from saferollout.backends.local.metrics import aggregate
 from saferollout.errors import NotFound
@@ -45,8 +45,9 @@ class FakeBackend:
     def __init__(self, rows: Iterable[tuple] = (), *, models: dict[tuple[str, int], Model] | None = None,
                  deployments: dict[str, str] | None = None, pairs: Iterable[MirroredPair] = (),
                  scorers: dict[str, Callable[[bytes], tuple[int, Any]]] | None = None,
-                 raw_samples: bool = True, mirrored: bool = True):
+                 raw_samples: bool = True, mirrored: bool = True, traffic: dict[str, int] | None = None):
         self.rows = list(rows)
+        self.traffic = traffic or {}
         self.models = models or {}
         self.deployments = deployments or {}  # deployment -> model reference
         self.pairs = list(pairs)
@@ -67,9 +68,14 @@ class FakeBackend:
     def request_samples(self, endpoint: str, *, deployment: str | None = None, start=None, end=None,
                         include_mirrored: bool = False) -> list[RequestSample]:
         lo, hi = _epoch(start), _epoch(end)
-        return [RequestSample(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in self.rows
+        return [RequestSample(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], bool(r[8]) if len(r) > 8 else False)
+                for r in self.rows
                 if r[1] == endpoint and lo <= r[0] < hi and (deployment is None or r[2] == deployment)
                 and (include_mirrored or not r[5])]
+
+    def get_endpoint(self, name: str) -> Endpoint:
+        """The endpoint with `traffic` as given (none by default: the gates then use the realised share)."""
+        return Endpoint(name=name, auth_mode="key", scoring_uri="", traffic=dict(self.traffic))
 
     def get_deployment(self, endpoint: str, name: str) -> Deployment:
         if name not in self.deployments:

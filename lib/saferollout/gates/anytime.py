@@ -113,3 +113,49 @@ def quantile_cs(values, q: float, alpha: float, prior: tuple[float, float] | Non
     low = ordered[c_lo - 1] if c_lo >= 1 else 0.0
     high = ordered[c_hi] if c_hi < n else float("inf")
     return float(low), float(high)
+
+
+# Betting fractions of `tolerant_difference_log_e`, as shares of the largest fraction that keeps every
+# factor positive. A fixed grid averaged with equal weights is itself an e-process (an average of
+# e-processes); it costs log(len(grid)) of evidence against the best single fraction in hindsight.
+BETTING_GRID = (0.5, 0.25, 0.125)
+
+
+def tolerant_difference_log_e(n_rc, x_rc, x_prod, rho, *, points: float = 0.0, ratio: float = 1.0):
+    """log e-value against H0: p_rc <= ratio * p_prod + points, from counts of events per deployment.
+
+    Each request goes to the RC with the known probability `rho` (random routing). Its bet pays
+    Y = [RC] (event - points) / rho - [PROD] ratio * event / (1 - rho), whose mean given the past is
+    p_rc - ratio * p_prod - points: at most 0 under H0 at every moment, however both rates drift with
+    load. The capital prod(1 + lambda Y) is then a nonnegative supermartingale for any fixed lambda in
+    [0, lambda_max) (Waudby-Smith & Ramdas 2023's betting martingales); Y takes four values, so it
+    depends on the counts only. The grid average over lambda is returned (vectorised over runs).
+    """
+    n_rc, x_rc, x_prod, rho = (np.asarray(v, float) for v in (n_rc, x_rc, x_prod, rho))
+    rc_event = (1.0 - points) / rho
+    rc_quiet = -points / rho
+    prod_event = -ratio / (1.0 - rho)
+    lambda_max = 1.0 / np.maximum(-rc_quiet, -prod_event)
+    logs = [x_rc * np.log1p(share * lambda_max * rc_event)
+            + special.xlog1py(n_rc - x_rc, share * lambda_max * rc_quiet)
+            + special.xlog1py(x_prod, share * lambda_max * prod_event) for share in BETTING_GRID]
+    return special.logsumexp(np.stack(logs), axis=0) - np.log(len(BETTING_GRID))
+
+
+def rank_shift_log_e(rc_scores, prod_scores, rho):
+    """log e-value against H0: E[score of an RC request] <= E[score of a PROD request], at every moment.
+
+    Scores are a fixed increasing transform of each request's latency, here PROD's calibrated CDF at the
+    RC's latency deflated by the tolerance (and at PROD's own latency for PROD), so they lie in [0, 1].
+    If the deflated RC latency is stochastically no larger than PROD's, its scores are no larger in
+    mean. Each request's bet pays Y = [RC] (s - 1/2) / rho - [PROD] (s - 1/2) / (1 - rho), of mean
+    E[s_rc] - E[s_prod] <= 0 under H0, so prod(1 + lambda Y) is a nonnegative supermartingale for
+    lambda < 2 min(rho, 1 - rho): a two-sample test of stochastic order in the spirit of Lindon, Sanden &
+    Shirikian (2022) that uses every request's latency, not only whether it crossed one level.
+    """
+    rc_y = (np.asarray(rc_scores, float) - 0.5) / rho
+    prod_y = -(np.asarray(prod_scores, float) - 0.5) / (1.0 - rho)
+    y = np.concatenate([rc_y, prod_y])
+    lambda_max = 2.0 * min(rho, 1.0 - rho)
+    logs = [np.sum(np.log1p(share * lambda_max * y)) for share in BETTING_GRID]
+    return float(special.logsumexp(logs) - np.log(len(BETTING_GRID)))

@@ -40,7 +40,11 @@ class Verdict:
 
 @dataclass
 class GateContext:
-    """Where and when a gate looks: the endpoint, RC and PROD names, the window [start, now]."""
+    """Where and when a gate looks: the endpoint, RC and PROD names, the window [start, now].
+
+    `rc_share` is the probability that a live request goes to the RC (its traffic percent / 100), when
+    known; the sequential tests then use it instead of the share realised so far.
+    """
 
     backend: Backend
     endpoint: str
@@ -48,6 +52,7 @@ class GateContext:
     prod: str | None
     start: float
     now: float
+    rc_share: float | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -126,10 +131,14 @@ def to_datetime(ts: float) -> datetime:
 
 
 def fetch_samples(ctx: GateContext, deployment: str) -> list[RequestSample]:
-    """Live (not mirrored) requests served by `deployment` in the window."""
+    """Live requests served by `deployment` in the window: neither mirrored nor pinned with the header.
+
+    Pinned requests (the rollout's smoke test, warm-up and agreement rows) were not routed by the traffic
+    split, so counting them would break the routing the tests rely on and weigh the RC with our own calls.
+    """
     samples = ctx.backend.request_samples(ctx.endpoint, deployment=deployment, start=to_datetime(ctx.start),
                                           end=to_datetime(ctx.now), include_mirrored=False)
-    return [s for s in samples if s.deployment == deployment and not s.mirrored]
+    return [s for s in samples if s.deployment == deployment and not s.mirrored and not s.pinned]
 
 
 def require_prod(ctx: GateContext) -> str:

@@ -116,6 +116,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
     origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{where} must be a list, not {value!r}")
+        (item_type,) = typing.get_args(hint)
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise SpecError(f"{where} must be a mapping, not {value!r}")

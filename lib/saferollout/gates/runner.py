@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from saferollout.errors import GateFailed
+from saferollout.errors import GateFailed, SafeRolloutError
 from saferollout.gates.base import Gate, GateContext, Verdict, expire
 
 
@@ -45,10 +45,12 @@ def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | No
         raise ValueError("run_gates needs at least one gate")
     start = clock() if start is None else start
     started_at = clock()
+    share = rc_share(backend, endpoint, rc)
     latest: dict[str, Verdict] = {}
     history: list[Verdict] = []
     while True:
-        ctx = GateContext(backend=backend, endpoint=endpoint, rc=rc, prod=prod, start=start, now=clock())
+        ctx = GateContext(backend=backend, endpoint=endpoint, rc=rc, prod=prod, start=start, now=clock(),
+                          rc_share=share)
         for gate in gates:
             if gate.name in latest and latest[gate.name].decision == "pass":
                 continue
@@ -63,6 +65,15 @@ def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | No
         if all(latest[g.name].decision == "pass" for g in gates):
             return GateReport("pass", [latest[g.name] for g in gates], history, started_at, clock())
         sleep(poll_s)
+
+
+def rc_share(backend, endpoint: str, rc: str) -> float | None:
+    """The RC's routing probability from the endpoint's traffic, when the RC shares it with others."""
+    try:
+        percent = backend.get_endpoint(endpoint).traffic.get(rc, 0)
+    except SafeRolloutError:
+        return None
+    return percent / 100.0 if 0 < percent < 100 else None
 
 
 def _report(progress, ctx: GateContext, gates: list[Gate], latest: dict[str, Verdict]) -> None:
