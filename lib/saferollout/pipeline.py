@@ -12,6 +12,8 @@ import json
 import subprocess
 import tempfile
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 from saferollout import data, rollout, training
@@ -121,6 +123,27 @@ def smoke(backend: Backend, endpoint_name: str, rc: str, n: int = 5) -> Any:
     if result.ok:
         rollout.mark_smoke_tested(backend, endpoint_name)
     return result
+
+
+def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50) -> dict[str, Any]:
+    """Warm the smoke-tested RC with `n` held-out requests pinned to it, before any live traffic.
+
+    A freshly started process answers its first requests more slowly (imports, caches, lazy model state)
+    than PROD, which has been serving for a while; the latency gates compare like with like once it is
+    warm. The requests go through the deployment header, so the platform marks them pinned and no gate
+    counts them as live traffic. Returns the latencies of the first and last tenth, and the failures.
+    """
+    if n <= 0:
+        return {"n": 0, "failed": 0}
+    bodies = smoke_bodies(min(n, 50))
+    latencies, failed = [], 0
+    for i in range(n):
+        result = backend.invoke(endpoint_name, bodies[i % len(bodies)], deployment=rc, timeout_s=30.0)
+        latencies.append(result.latency_ms)
+        failed += not result.ok
+    tenth = max(1, n // 10)
+    return {"n": n, "failed": failed, "first_ms": float(np.median(latencies[:tenth])),
+            "last_ms": float(np.median(latencies[-tenth:]))}
 
 
 # ---- gates -------------------------------------------------------------------------------------------
