@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -30,6 +31,7 @@ from saferollout.backends.local.gateway import DEFAULT_MAX_BODY_BYTES, Deploymen
 from saferollout.backends.local.instances import Instance, InstanceConfig, free_port, tail
 from saferollout.backends.local.metrics import RequestLog, aggregate, validate_query
 from saferollout.backends.local.store import Store, new_key
+from saferollout.backends.local.workspace import PRIVATE_UMASK, private_home
 from saferollout.errors import BackendError, Conflict, NotFound, SafeRolloutError, SpecError
 from saferollout.processes import pid_alive
 from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoint_spec_from_dict,
@@ -37,7 +39,7 @@ from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoi
 
 log = logging.getLogger("saferollout.platform")
 DEFAULT_HOME = ".saferollout"
-TOKEN_TTL_S = float(os.environ.get("SAFEROLLOUT_TOKEN_TTL_S", "3600"))
+TOKEN_TTL_ENV = "SAFEROLLOUT_TOKEN_TTL_S"
 ROUTING_SEED_ENV = "SAFEROLLOUT_ROUTING_SEED"
 START_TIMEOUT_S = 120.0
 ERROR_STATUS = {SpecError: 400, NotFound: 404, Conflict: 409}
@@ -51,17 +53,29 @@ def routing_rng() -> random.Random:
     return random.Random(int(seed)) if seed else random.Random()
 
 
+def token_ttl_s() -> float:
+    """How long an issued aml_token lives: SAFEROLLOUT_TOKEN_TTL_S (a positive, finite number) or an hour."""
+    text = os.environ.get(TOKEN_TTL_ENV, "3600")
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = math.nan
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise SpecError(f"{TOKEN_TTL_ENV} must be a positive number of seconds, got {text!r}")
+    return ttl
+
+
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     return Path(home or os.environ.get("SAFEROLLOUT_HOME") or DEFAULT_HOME).expanduser().resolve()
 
 
 def admin_token(home: Path) -> str:
-    """The workspace admin token, created once with mode 0600."""
+    """The workspace admin token, created once with mode 0600 (the workspace checked private first)."""
+    private_home(home)
     path = home / "admin.token"
     if not path.exists():
         # written whole under a private name, then linked into place: two processes starting a new
         # workspace at once agree on one token, and neither can read a half-written file
-        home.mkdir(parents=True, exist_ok=True)
         draft = home / f".admin.token.{os.getpid()}"
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -97,7 +111,8 @@ class DeploymentRuntime:
             endpoint=self.endpoint, deployment=self.name, index=index, code_dir=record["code_dir"],
             scoring_script=spec.scoring_script, model_dir=record["model_dir"],
             environment_variables=spec.environment_variables, readiness=spec.readiness_probe,
-            liveness=spec.liveness_probe, log_path=self.log_dir() / f"instance-{index}.log")
+            liveness=spec.liveness_probe, log_path=self.log_dir() / f"instance-{index}.log",
+            umask=self.platform.user_umask)
         return Instance(config, self.pool.notify)
 
     async def start_instances(self, record: dict[str, Any], spec: DeploymentSpec, count: int,
@@ -123,8 +138,9 @@ class DeploymentRuntime:
 
 
 class Platform:
-    def __init__(self, home: Path, gateway_port: int | None = None):
+    def __init__(self, home: Path, gateway_port: int | None = None, user_umask: int | None = None):
         self.home = home
+        self.user_umask = user_umask  # instances run the scoring script with the user's own umask
         self.store = Store(home)
         self.token = admin_token(home)
         self.request_log = RequestLog(home / "metrics.db")
@@ -245,7 +261,7 @@ class Platform:
         if record["auth_mode"] == "key":
             return {"auth_mode": "key", "primary_key": record["primary_key"],
                     "secondary_key": record["secondary_key"]}
-        token, expiry = issue_token(self.store.signing_key(), name, TOKEN_TTL_S)
+        token, expiry = issue_token(self.store.signing_key(), name, token_ttl_s())
         return {"auth_mode": "aml_token", "access_token": token, "expiry_time_utc": expiry}
 
     def regenerate_keys(self, name: str, key_type: str) -> dict[str, Any]:
@@ -555,8 +571,8 @@ def _coroutine(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Awai
 
 # ---- process entry point --------------------------------------------------------------------
 
-async def serve(home: Path) -> int:
-    platform = Platform(home)
+async def serve(home: Path, user_umask: int | None = None) -> int:
+    platform = Platform(home, user_umask=user_umask)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, platform.stopping.set)
@@ -594,7 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None)
     args = parser.parse_args(argv)
     home = resolve_home(args.home)
-    home.mkdir(parents=True, exist_ok=True)
+    user_umask = os.umask(PRIVATE_UMASK)  # every file the platform writes is private from its first byte
+    try:
+        private_home(home)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     lock = open(home / "platform.lock", "w")
     try:
@@ -602,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"error: a platform is already running for {home}", file=sys.stderr)
         return 3
-    return asyncio.run(serve(home))
+    return asyncio.run(serve(home, user_umask))
 
 
 # ---- client side: start, stop, status -------------------------------------------------------
@@ -637,8 +658,7 @@ def platform_status(home: str | os.PathLike | None = None) -> dict[str, Any]:
 def start_platform(home: str | os.PathLike | None = None, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
     """Start the platform for `home` unless it runs; return once every kept deployment is back."""
     home = resolve_home(home)
-    home.mkdir(parents=True, exist_ok=True)
-    admin_token(home)
+    admin_token(home)  # the workspace made (or checked) private, and its token, before any platform
     with open(home / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two clients starting at once start one platform
         status = platform_status(home)

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import random
 import time
 import uuid
@@ -57,9 +58,15 @@ def check_token(signing_key: bytes, endpoint: str, token: str, now: float | None
         claims = json.loads(_unb64(payload))
     except ValueError:
         return "invalid token"
+    if not isinstance(claims, dict):
+        return "invalid token"
     if claims.get("endpoint") != endpoint:
         return "token was issued for another endpoint"
-    if float(claims.get("exp", 0)) <= (now if now is not None else time.time()):
+    expiry = claims.get("exp")
+    # JSON allows NaN and Infinity: a token must name a real moment, or it would never expire
+    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry):
+        return "invalid token: its expiry is not a finite number"
+    if expiry <= (now if now is not None else time.time()):
         return "token expired: get a new one with get-credentials"
     return None
 
