@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import json
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -42,6 +43,9 @@ DEFAULT_HOME = ".saferollout"
 TOKEN_TTL_ENV = "SAFEROLLOUT_TOKEN_TTL_S"
 ROUTING_SEED_ENV = "SAFEROLLOUT_ROUTING_SEED"
 START_TIMEOUT_S = 120.0
+LOG_NAME = "platform.log"
+LOG_MAX_BYTES_ENV = "SAFEROLLOUT_LOG_MAX_BYTES"
+OUTPUT_NAME = "platform.out"  # the platform process's stdout and stderr, this start's only
 ERROR_STATUS = {SpecError: 400, NotFound: 404, Conflict: 409}
 
 
@@ -439,7 +443,7 @@ class Platform:
         return {"pid": os.getpid(), "home": str(self.home), "gateway_port": self.gateway_port,
                 "control_port": self.control_port, "reconciled": self.reconciled,
                 "uptime_s": round(time.time() - self.started_at, 1),
-                "endpoints": len(self.store.list_endpoints()),
+                "endpoints": len(self.store.list_endpoints()), "metrics_log": self.request_log.health(),
                 "deployments": {f"{ep}/{name}": self.store.get_deployment(ep, name)["state"]
                                 for (ep, name) in self.runtimes}}
 
@@ -605,6 +609,23 @@ async def serve(home: Path, user_umask: int | None = None) -> int:
     return 0
 
 
+def setup_logging(home: Path) -> None:
+    """platform.log, rotated (SAFEROLLOUT_LOG_MAX_BYTES, default 10 MB, three old files kept)."""
+    handler = logging.handlers.RotatingFileHandler(home / LOG_NAME, maxBytes=_log_max_bytes(), backupCount=3)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+def _log_max_bytes() -> int:
+    text = os.environ.get(LOG_MAX_BYTES_ENV, str(10 * 1024 * 1024))
+    if not text.isdigit() or int(text) < 1024:
+        raise SpecError(f"{LOG_MAX_BYTES_ENV} must be a whole number of bytes, at least 1024; got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saferollout-platform")
     parser.add_argument("--home", default=None)
@@ -613,17 +634,22 @@ def main(argv: list[str] | None = None) -> int:
     user_umask = os.umask(PRIVATE_UMASK)  # every file the platform writes is private from its first byte
     try:
         private_home(home)
-    except BackendError as exc:
+        setup_logging(home)
+    except SafeRolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     lock = open(home / "platform.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print(f"error: a platform is already running for {home}", file=sys.stderr)
         return 3
-    return asyncio.run(serve(home, user_umask))
+    try:
+        return asyncio.run(serve(home, user_umask))
+    except Exception as exc:  # the reason goes to the log, and (one line) to the client waiting for us
+        log.exception("the platform stopped: %s", exc)
+        print(f"error: the platform stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---- client side: start, stop, status -------------------------------------------------------
@@ -656,34 +682,51 @@ def platform_status(home: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def start_platform(home: str | os.PathLike | None = None, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-    """Start the platform for `home` unless it runs; return once every kept deployment is back."""
+    """Start the platform for `home` unless it runs; return once every kept deployment is back.
+
+    If the platform process exits while we wait, fail at once with the reason it gave.
+    """
     home = resolve_home(home)
     admin_token(home)  # the workspace made (or checked) private, and its token, before any platform
     with open(home / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two clients starting at once start one platform
         status = platform_status(home)
-        if not status["running"]:
-            _spawn(home)
+        process = None if status["running"] else _spawn(home)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = platform_status(home)
             if status["running"] and status.get("reconciled"):
                 return status
+            if process is not None and process.poll() is not None:
+                raise BackendError(f"the local platform for {home} did not start: {_exit_reason(home, process)}")
             time.sleep(0.1)
-    raise BackendError(f"the local platform did not start within {timeout:.0f} s; see {home / 'platform.log'}")
+    raise BackendError(f"the local platform did not start within {timeout:.0f} s; see {home / LOG_NAME}")
 
 
-def _spawn(home: Path) -> None:
+def _exit_reason(home: Path, process: subprocess.Popen) -> str:
+    """The last `error:` line the platform printed, else its last line, else its exit code."""
+    try:
+        lines = [line.strip() for line in (home / OUTPUT_NAME).read_text(errors="replace").splitlines()]
+    except OSError:
+        lines = []
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("error:")]
+    reason = (errors or lines or [f"it exited with code {process.returncode}"])[-1]
+    return reason.removeprefix("error: ") + f" (see {home / LOG_NAME})"
+
+
+def _spawn(home: Path) -> subprocess.Popen:
     stale = home / "platform.json"
     if stale.exists():
         stale.unlink()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
                                                       env.get("PYTHONPATH")]))
-    with open(home / "platform.log", "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "saferollout.backends.local.daemon", "--home", str(home)],
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                         env=env, cwd=str(home))
+    fd = os.open(home / OUTPUT_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "saferollout.backends.local.daemon", "--home", str(home)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                env=env, cwd=str(home))
 
 
 def stop_platform(home: str | os.PathLike | None = None, timeout: float = 30.0) -> bool:
