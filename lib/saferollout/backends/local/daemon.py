@@ -138,6 +138,7 @@ class DeploymentRuntime:
         self.pool.failed = True
         old, self.instances = self.instances, []
         self.pool.instances = []
+        self.pool.notify()  # requests waiting for an instance fail now
         await asyncio.gather(*(inst.stop() for inst in old))
 
 
@@ -157,6 +158,7 @@ class Platform:
         self.store.set_meta("gateway_port", str(self.gateway_port))
         self.control_port = 0
         self.runtimes: dict[tuple[str, str], DeploymentRuntime] = {}
+        self.copying: set[tuple[str, str]] = set()  # deployments whose model or code is being copied
         self.reconciled = False
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -197,13 +199,14 @@ class Platform:
                 "instances": [i.describe() for i in runtime.instances] if runtime else []}
 
     # ---- models -----------------------------------------------------------------------------
-    def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
         name = validate_model_name(body.get("name"))
-        return self.store.register_model(name, body.get("path") or "", body.get("description") or "",
-                                         body.get("tags") or {}, body.get("properties") or {},
-                                         body.get("type") or "custom_model")
+        staged = await asyncio.to_thread(self.store.copy_model, body.get("path") or "")  # off the event loop
+        return self.store.add_model(name, staged, body.get("description") or "", body.get("tags") or {},
+                                    body.get("properties") or {}, body.get("type") or "custom_model")
 
-    def resolve_model(self, endpoint: str, deployment: str, model: str | None) -> tuple[str | None, str | None]:
+    async def resolve_model(self, endpoint: str, deployment: str,
+                            model: str | None) -> tuple[str | None, str | None]:
         """-> (model reference, folder to use as AZUREML_MODEL_DIR)."""
         if not model:
             return None, None
@@ -211,7 +214,8 @@ class Platform:
             name, version = parse_model_ref(model)
             record = self.store.get_model(name, version)
         else:  # a local path: registered as an anonymous model version, as Azure does
-            record = self.store.register_model(f"{endpoint}-{deployment}-anonymous", model, "", {}, {})
+            staged = await asyncio.to_thread(self.store.copy_model, model)
+            record = self.store.add_model(f"{endpoint}-{deployment}-anonymous", staged, "", {}, {})
         return f"azureml:{record['name']}:{record['version']}", str(Path(record["path"]).parent)
 
     # ---- endpoints --------------------------------------------------------------------------
@@ -257,6 +261,7 @@ class Platform:
             await self.runtimes.pop(key).stop()
         self.gateway.remove_route(name)
         self.store.delete_endpoint(name)
+        await asyncio.to_thread(self.store.remove_code, name)
         # its metrics go with it, as on Azure: a new endpoint of the same name starts with no history
         await asyncio.to_thread(self.request_log.delete_endpoint, name)
 
@@ -291,18 +296,27 @@ class Platform:
             raise SpecError(f"scoring script not found: {Path(spec.code_path) / spec.scoring_script}")
         return spec
 
-    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._validated_spec(body)
         self.store.get_endpoint(spec.endpoint_name)
         key = (spec.endpoint_name, spec.name)
+        exists = key in self.copying
         try:
             self.store.get_deployment(*key)
-            raise Conflict(f"deployment {spec.name!r} already exists on endpoint {spec.endpoint_name!r}: "
-                           "use update")
+            exists = True
         except NotFound:
             pass
-        model_ref, model_dir = self.resolve_model(spec.endpoint_name, spec.name, spec.model)
-        code_dir = self.store.snapshot_code(spec.endpoint_name, spec.name, 1, spec.code_path)
+        if exists:
+            raise Conflict(f"deployment {spec.name!r} already exists on endpoint {spec.endpoint_name!r}: "
+                           "use update")
+        self.copying.add(key)  # the copies below run in threads: a second create of this name must wait
+        try:
+            model_ref, model_dir = await self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            code_dir = await asyncio.to_thread(self.store.snapshot_code, spec.endpoint_name, spec.name, 1,
+                                               spec.code_path)
+            self.store.get_endpoint(spec.endpoint_name)  # not deleted meanwhile
+        finally:
+            self.copying.discard(key)
         record = self.store.create_deployment(spec.endpoint_name, spec.name, spec.to_dict(), model_ref,
                                               model_dir, code_dir)
         runtime = DeploymentRuntime(self, record)
@@ -318,7 +332,11 @@ class Platform:
             spec = DeploymentSpec.from_dict(record["spec"])
             runtime.apply_settings(spec)
             runtime.pool.failed = False
-            instances, reason = await runtime.start_instances(record, spec, spec.instance_count)
+            runtime.pool.starting = True
+            try:
+                instances, reason = await runtime.start_instances(record, spec, spec.instance_count)
+            finally:
+                runtime.pool.starting = False
             if (runtime.endpoint, runtime.name) not in self.runtimes:  # deleted meanwhile
                 await asyncio.gather(*(i.stop(drain_s=0) for i in instances))
                 return
@@ -329,19 +347,26 @@ class Platform:
                 self.store.update_deployment(runtime.endpoint, runtime.name, state="Succeeded", reason="")
             else:
                 runtime.pool.failed = True
+                runtime.pool.notify()  # requests waiting for it fail now
                 self.store.update_deployment(runtime.endpoint, runtime.name, state="Failed", reason=reason)
 
-    def update_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def update_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._validated_spec(body)
         key = (spec.endpoint_name, spec.name)
         record = self.store.get_deployment(*key)
         runtime = self.runtimes[key]
-        if runtime.lock.locked():
+        if runtime.lock.locked() or key in self.copying:
             raise Conflict(f"deployment {spec.name!r} is being provisioned: wait for it to finish")
         old = DeploymentSpec.from_dict(record["spec"])
         model_ref, model_dir = record["model_ref"], record["model_dir"]
         if spec.model != old.model:
-            model_ref, model_dir = self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            self.copying.add(key)
+            try:
+                model_ref, model_dir = await self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            finally:
+                self.copying.discard(key)
+            if self.runtimes.get(key) is not runtime:  # deleted while we copied
+                raise NotFound(f"deployment {spec.name!r} not found on endpoint {spec.endpoint_name!r}")
         self.store.update_deployment(*key, state="Updating", reason="")
         runtime.task = asyncio.create_task(self.roll(runtime, record, old, spec, model_ref, model_dir))
         return self.deployment_view(self.store.get_deployment(*key))
@@ -356,8 +381,8 @@ class Platform:
                 old.model, old.code_path, old.scoring_script, old.environment_variables,
                 old.readiness_probe, old.liveness_probe) and record["state"] != "Failed"
             generation = record["generation"] + (0 if same_code else 1)
-            code_dir = record["code_dir"] if same_code else self.store.snapshot_code(
-                *key, generation, spec.code_path)
+            code_dir = record["code_dir"] if same_code else await asyncio.to_thread(
+                self.store.snapshot_code, *key, generation, spec.code_path)
             target = dict(record, code_dir=code_dir, model_dir=model_dir)
             if same_code and runtime.instances:
                 keep = runtime.instances[:spec.instance_count]
@@ -395,37 +420,47 @@ class Platform:
         self.store.update_endpoint(endpoint, traffic=traffic)
         self.store.delete_deployment(endpoint, name)
         self.refresh_route(endpoint)
+        await asyncio.to_thread(self.store.remove_code, endpoint, name)
         if runtime is not None:
             if runtime.task is not None and not runtime.task.done():
                 runtime.task.cancel()
             await runtime.stop()
 
-    def deployment_logs(self, endpoint: str, name: str, lines: int | None) -> str:
+    async def deployment_logs(self, endpoint: str, name: str, lines: int | None) -> str:
         self.store.get_deployment(endpoint, name)
-        folder = self.home / "logs" / endpoint / name
-        parts = []
-        for path in sorted(folder.glob("instance-*.log")):
-            parts.append(f"---- {path.stem}\n{tail(path, lines)}")
-        return "\n".join(parts)
+        return await asyncio.to_thread(_instance_logs, self.home / "logs" / endpoint / name, lines)
 
     # ---- lifecycle --------------------------------------------------------------------------
-    async def reconcile(self) -> None:
-        """Bring back what the store says should run (after a stop, a crash or a SIGKILL)."""
+    def restore(self) -> None:
+        """Routes and deployments as the store keeps them, before the gateway opens: a request that
+        arrives while instances come back waits for them (within request_timeout_ms) instead of failing."""
         for endpoint in self.store.list_endpoints():
             self.refresh_route(endpoint["name"])
-        tasks = []
         for record in self.store.list_deployments():
             runtime = DeploymentRuntime(self, record)
             self.runtimes[(record["endpoint"], record["name"])] = runtime
-            serving = record["state"] != "Failed" or record["reason"].startswith("update failed")
-            if serving:
-                if record["state"] in ("Creating", "Updating"):
-                    self.store.update_deployment(record["endpoint"], record["name"], state="Creating")
-                runtime.task = asyncio.create_task(self.provision_kept_state(runtime, record))
-                tasks.append(runtime.task)
+            if self._serving(record):
+                runtime.pool.starting = True
             else:
                 runtime.pool.failed = True
             self.refresh_route(record["endpoint"])
+
+    @staticmethod
+    def _serving(record: dict[str, Any]) -> bool:
+        return record["state"] != "Failed" or record["reason"].startswith("update failed")
+
+    async def reconcile(self) -> None:
+        """Bring back what the store says should run (after a stop, a crash or a SIGKILL)."""
+        if not self.runtimes:
+            self.restore()
+        tasks = []
+        for (endpoint, name), runtime in list(self.runtimes.items()):
+            record = self.store.get_deployment(endpoint, name)
+            if self._serving(record):
+                if record["state"] in ("Creating", "Updating"):
+                    self.store.update_deployment(endpoint, name, state="Creating")
+                runtime.task = asyncio.create_task(self.provision_kept_state(runtime, record))
+                tasks.append(runtime.task)
         await asyncio.gather(*tasks, return_exceptions=True)
         self.reconciled = True
 
@@ -507,6 +542,10 @@ def control_app(platform: Platform) -> web.Application:
         return [{k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in zip(names, row)}
                 for row in rows]
 
+    async def logs(r: web.Request) -> Any:
+        lines = int(r.query["lines"]) if r.query.get("lines") else None
+        return {"logs": await p.deployment_logs(m(r)["endpoint"], m(r)["name"], lines)}
+
     async def shutdown(r: web.Request) -> Any:
         p.stopping.set()
         return {"ok": True}
@@ -537,14 +576,16 @@ def control_app(platform: Platform) -> web.Application:
         ("PUT", "/api/endpoints/{endpoint}/deployments/{name}", lambda r: _then(body(r), p.update_deployment)),
         ("DELETE", "/api/endpoints/{endpoint}/deployments/{name}",
          lambda r: p.delete_deployment(m(r)["endpoint"], m(r)["name"])),
-        ("GET", "/api/endpoints/{endpoint}/deployments/{name}/logs", lambda r: _now(
-            {"logs": p.deployment_logs(m(r)["endpoint"], m(r)["name"],
-                                       int(r.query["lines"]) if r.query.get("lines") else None)})),
+        ("GET", "/api/endpoints/{endpoint}/deployments/{name}/logs", logs),
     ]
     app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024 * 1024)
     for method, path, fn in routes:
         app.router.add_route(method, path, _handler(_coroutine(fn)))
     return app
+
+
+def _instance_logs(folder: Path, lines: int | None) -> str:
+    return "\n".join(f"---- {path.stem}\n{tail(path, lines)}" for path in sorted(folder.glob("instance-*.log")))
 
 
 def _existing(platform: Platform, endpoint: str) -> str:
@@ -563,7 +604,8 @@ async def _now(value: Any) -> Any:
 
 
 async def _then(awaitable: Awaitable[Any], fn: Callable[[Any], Any]) -> Any:
-    return fn(await awaitable)
+    result = fn(await awaitable)
+    return await result if asyncio.iscoroutine(result) else result
 
 
 def _coroutine(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Awaitable[Any]]:
@@ -584,6 +626,7 @@ async def serve(home: Path, user_umask: int | None = None) -> int:
     control_runner = web.AppRunner(control_app(platform), access_log=None)
     await gateway_runner.setup()
     await control_runner.setup()
+    platform.restore()
     try:
         await web.TCPSite(gateway_runner, "127.0.0.1", platform.gateway_port, backlog=1024).start()
     except OSError as exc:

@@ -73,6 +73,10 @@ def check_token(signing_key: bytes, endpoint: str, token: str, now: float | None
 
 # ---- routing --------------------------------------------------------------------------------
 
+class NoInstance(Exception):
+    """The deployment has no instance that is running or coming up."""
+
+
 class DeploymentPool:
     """The instances of one deployment as the gateway sees them: least-busy choice, bounded queue."""
 
@@ -84,6 +88,9 @@ class DeploymentPool:
         self.instances: list[Instance] = []
         self.in_flight = 0
         self.failed = False  # a Failed deployment is never routed to
+        # Instances being started (creation, or every deployment after a platform restart): requests wait for
+        # them, within request_timeout_ms, instead of failing while the platform comes back.
+        self.starting = False
         self._changed = asyncio.Condition()
         self._waiting = 0
         self._turn = 0
@@ -94,7 +101,8 @@ class DeploymentPool:
         return 2 * self.max_concurrent * max(1, len(self.instances))
 
     def servable(self) -> bool:
-        return not self.failed and any(i.state in ("ready", "starting", "restarting") for i in self.instances)
+        return not self.failed and (self.starting or any(i.state in ("ready", "starting", "restarting")
+                                                         for i in self.instances))
 
     def _pick(self) -> Instance | None:
         """The least busy ready instance with a free slot; ties go round-robin, so idle instances share work."""
@@ -108,13 +116,18 @@ class DeploymentPool:
         return best
 
     async def acquire(self) -> Instance:
-        """Wait for a ready instance with a free slot (the caller bounds the wait with its timeout)."""
+        """Wait for a ready instance with a free slot (the caller bounds the wait with its timeout).
+
+        NoInstance if the deployment stops being servable while we wait (it failed, or nothing runs).
+        """
         inst = self._pick()
         if inst is None:
             self._waiting += 1
             try:
                 async with self._changed:
                     while (inst := self._pick()) is None:
+                        if not self.servable():
+                            raise NoInstance(f"deployment {self.name!r} has no running instance")
                         await self._changed.wait()
             finally:
                 self._waiting -= 1
@@ -289,7 +302,10 @@ class Gateway:
 
     async def _call_instance(self, pool: DeploymentPool, body: bytes,
                              content_type: str) -> tuple[int, bytes, int | None]:
-        inst = await pool.acquire()
+        try:
+            inst = await pool.acquire()
+        except NoInstance as exc:
+            return 424, str(exc).encode(), None
         try:
             status, payload = await inst.score(body, content_type)
             return (200 if status == 200 else 424), payload, status
