@@ -35,8 +35,9 @@ from saferollout.backends.local.store import Store, new_key
 from saferollout.backends.local.workspace import PRIVATE_UMASK, private_home
 from saferollout.errors import BackendError, Conflict, NotFound, SafeRolloutError, SpecError
 from saferollout.processes import pid_alive
-from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoint_spec_from_dict,
-                               parse_model_ref, validate_mirror, validate_model_name, validate_traffic)
+from saferollout.specs import (DeploymentSpec, ProbeSettings, _probe, _request_settings, deployment_spec_from_dict,
+                               endpoint_spec_from_dict, parse_model_ref, validate_mirror, validate_model_name,
+                               validate_traffic)
 
 log = logging.getLogger("saferollout.platform")
 DEFAULT_HOME = ".saferollout"
@@ -201,9 +202,12 @@ class Platform:
     # ---- models -----------------------------------------------------------------------------
     async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
         name = validate_model_name(body.get("name"))
+        string_map(body.get("tags") or {}, "tags"), string_map(body.get("properties") or {}, "properties")
         staged = await asyncio.to_thread(self.store.copy_model, body.get("path") or "")  # off the event loop
-        return self.store.add_model(name, staged, body.get("description") or "", body.get("tags") or {},
-                                    body.get("properties") or {}, body.get("type") or "custom_model")
+        return self.store.add_model(name, staged, str(body.get("description") or ""),
+                                    string_map(body.get("tags") or {}, "tags"),
+                                    string_map(body.get("properties") or {}, "properties"),
+                                    str(body.get("type") or "custom_model"))
 
     async def resolve_model(self, endpoint: str, deployment: str,
                             model: str | None) -> tuple[str | None, str | None]:
@@ -248,7 +252,7 @@ class Platform:
                 raise Conflict(f"cannot mirror to deployment {dep!r}: its state is {deployments[dep]['state']}")
         fields: dict[str, Any] = {"traffic": traffic, "mirror_traffic": mirror}
         if body.get("tags") is not None:
-            fields["tags"] = {str(k): str(v) for k, v in body["tags"].items()}
+            fields["tags"] = string_map(body["tags"], "tags")
         if body.get("description") is not None:
             fields["description"] = str(body["description"])
         record = self.store.update_endpoint(name, **fields)
@@ -285,6 +289,11 @@ class Platform:
 
     # ---- deployments ------------------------------------------------------------------------
     def _validated_spec(self, body: dict[str, Any]) -> DeploymentSpec:
+        # the YAML loader's own checks of request settings and probes (ranges, known keys), as a client
+        # calling the control API directly gets no YAML loader in between
+        _request_settings(body.get("request_settings"))
+        for probe in ("liveness_probe", "readiness_probe"):
+            _probe(body.get(probe), probe, ProbeSettings())
         spec = DeploymentSpec.from_dict(body)
         data = {"name": spec.name, "endpoint_name": spec.endpoint_name, "model": spec.model,
                 "instance_count": spec.instance_count}
@@ -292,7 +301,13 @@ class Platform:
         if not spec.code_path or not spec.scoring_script:
             raise SpecError(f"deployment {spec.name!r} needs code_configuration (code and scoring_script): "
                             "the local platform runs a scoring script, it does not build no-code deployments")
-        if not (Path(spec.code_path) / spec.scoring_script).is_file():
+        code = Path(spec.code_path).resolve()
+        script = (code / spec.scoring_script).resolve()
+        if Path(spec.scoring_script).is_absolute() or not script.is_relative_to(code):
+            # the instance runs the script from the code snapshot: one outside `code` would run live
+            raise SpecError(f"scoring_script must be a path inside code ({code}), relative to it; "
+                            f"got {spec.scoring_script!r}")
+        if not script.is_file():
             raise SpecError(f"scoring script not found: {Path(spec.code_path) / spec.scoring_script}")
         return spec
 
@@ -495,6 +510,10 @@ def _handler(fn: Callable[[web.Request], Awaitable[Any]]) -> Callable[[web.Reque
         except (TypeError, ValueError, KeyError) as exc:
             return web.json_response({"error": {"type": "SpecError", "message": f"invalid request: {exc}"}},
                                      status=400)
+        except RecursionError:
+            return web.json_response({"error": {"type": "SpecError",
+                                                "message": "invalid request: its JSON is nested too deeply"}},
+                                     status=400)
         return web.json_response(result if result is not None else {"ok": True})
     return wrapped
 
@@ -503,16 +522,23 @@ def control_app(platform: Platform) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request, handler):
         header = request.headers.get("Authorization", "")
-        if not secrets.compare_digest(header.encode(), f"Bearer {platform.token}".encode()):
+        if not secrets.compare_digest(header.encode("utf-8", "surrogateescape"),
+                                      f"Bearer {platform.token}".encode()):
             return web.json_response({"error": {"type": "BackendError", "message": "invalid admin token"}},
                                      status=401)
-        return await handler(request)
+        response = await handler(request)
+        if request.method != "GET":  # one line per change made through the control API
+            log.info("%s %s -> %s", request.method, request.path, response.status)
+        return response
 
     p = platform
     m = lambda r: r.match_info  # noqa: E731
 
     async def body(request: web.Request) -> dict[str, Any]:
-        return await request.json() if request.can_read_body else {}
+        data = await request.json() if request.can_read_body else {}
+        if not isinstance(data, dict):
+            raise SpecError(f"invalid request: the body must be a JSON object, got {type(data).__name__}")
+        return data
 
     async def metrics(r: web.Request) -> Any:
         q = r.query
@@ -586,6 +612,13 @@ def control_app(platform: Platform) -> web.Application:
 
 def _instance_logs(folder: Path, lines: int | None) -> str:
     return "\n".join(f"---- {path.stem}\n{tail(path, lines)}" for path in sorted(folder.glob("instance-*.log")))
+
+
+def string_map(value: Any, field: str) -> dict[str, str]:
+    """A mapping of names to text values, as tags and properties are; SpecError naming `field` if not."""
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+        raise SpecError(f"invalid {field}: expected a mapping of names to text values, got {json.dumps(value)[:80]}")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _existing(platform: Platform, endpoint: str) -> str:

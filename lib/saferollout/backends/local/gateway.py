@@ -244,6 +244,8 @@ class Gateway:
                 json.loads(body)
             except ValueError as exc:
                 return _reply(400, f"malformed JSON in request body: {exc}", request_id)
+            except RecursionError:
+                return _reply(400, "malformed JSON in request body: it is nested too deeply", request_id)
         pinned = request.headers.get(DEPLOYMENT_HEADER)
         if pinned:
             pool = route.pools.get(pinned)
@@ -269,6 +271,8 @@ class Gateway:
         if scheme.lower() != "bearer" or not credential.strip():
             return "missing credentials: send 'Authorization: Bearer <key or token>'"
         credential = credential.strip()
+        if not credential.isascii():  # keys and tokens are ASCII; aiohttp hands other bytes over as surrogates
+            return "invalid credentials: the Authorization header holds bytes that are not ASCII"
         if route.auth_mode == "key":
             matched = False
             for key in route.keys:  # compare against every key, in constant time each
