@@ -153,7 +153,7 @@ class Platform:
         self.gateway = Gateway(self.request_log, self.store.signing_key(),
                                max_body_bytes=int(os.environ.get("SAFEROLLOUT_MAX_BODY_BYTES",
                                                                  DEFAULT_MAX_BODY_BYTES)),
-                               rng=routing_rng())
+                               rng=routing_rng(), metrics_token=self.token)
         stored = self.store.get_meta("gateway_port")
         self.gateway_port = int(stored) if stored else (gateway_port or free_port())
         self.store.set_meta("gateway_port", str(self.gateway_port))

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
@@ -181,8 +182,11 @@ class Gateway:
 
     def __init__(self, request_log: RequestLog, signing_key: bytes,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, metrics_token: str | None = None):
         self.routes: dict[str, EndpointRoute] = {}
+        # /metrics tells who calls which endpoint how often: it takes the workspace admin token
+        # (Prometheus: `authorization: {credentials_file: <workspace>/admin.token}`)
+        self.metrics_token = metrics_token
         self.request_log = request_log
         self.signing_key = signing_key
         self.max_body_bytes = max_body_bytes
@@ -200,6 +204,7 @@ class Gateway:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/endpoints/{endpoint}/score", self.score)
+        app.router.add_get("/endpoints/{endpoint}/swagger.json", self.swagger)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/", self.health)
         app.on_cleanup.append(self._close)
@@ -218,7 +223,43 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "Healthy"})
 
+    async def swagger(self, request: web.Request) -> web.Response:
+        """The endpoint's OpenAPI document (its `openapi_uri`), as the serving deployment's inference server
+        builds it from the scoring script's schema decorators: the deployment the header names, else the one
+        with the most traffic. Authenticated as scoring is."""
+        request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
+        route = self.routes.get(request.match_info["endpoint"])
+        if route is None:
+            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
+        refusal = self._authorize(route, request.headers.get("Authorization", ""))
+        if refusal:
+            return _reply(401, refusal, request_id)
+        name = request.headers.get(DEPLOYMENT_HEADER) or max(
+            (n for n, w in route.traffic.items() if w > 0 and n in route.pools), key=route.traffic.get, default=None)
+        pool = route.pools.get(name) if name else None
+        if pool is None:
+            return _reply(404, f"no deployment to describe: endpoint {route.name!r} has no traffic set and the "
+                               f"request names no deployment" if not name else
+                               f"deployment {name!r} not found on endpoint {route.name!r}", request_id)
+        inst = next((i for i in pool.instances if i.ready), None)
+        if inst is None:
+            return _reply(424, f"deployment {pool.name!r} has no running instance", request_id, pool.name)
+        query = f"?{request.query_string}" if request.query_string else ""
+        try:
+            status, payload = await inst.get(f"/swagger.json{query}")
+        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return _reply(424, f"model server is unavailable: {exc}", request_id, pool.name)
+        return web.Response(body=payload, status=status, content_type="application/json",
+                            headers={DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id,
+                                     "x-ms-request-id": request_id})
+
     async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics_token is not None:
+            header = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(header, f"Bearer {self.metrics_token}".encode()):
+                return web.json_response({"message": "missing or invalid credentials: /metrics takes the "
+                                                     "workspace admin token (Authorization: Bearer <admin.token>)"},
+                                         status=401)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ---- the scoring path -------------------------------------------------------------------

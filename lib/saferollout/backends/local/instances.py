@@ -122,6 +122,13 @@ class Instance:
         finally:
             writer.close()
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """GET `path` from this instance (e.g. its /swagger.json): (HTTP status, answer)."""
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.port}{path}",
+                                   timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                return resp.status, await resp.read()
+
     def describe(self) -> dict:
         return {"name": self.name, "state": self.state, "port": self.port, "restarts": self.restarts,
                 "pid": self.process.pid if self.process else None, "reason": self.reason}
