@@ -295,3 +295,17 @@ def test_traffic_flips_under_load_without_a_single_failed_request(local_backend,
     assert {a.deployment for a in answers} == {"blue", "green"}
     # nothing restarted: the same processes serve before and after
     assert {d.name: [i["pid"] for i in d.instances] for d in local_backend.list_deployments(gw)} == pids
+
+
+def test_the_advertised_openapi_uri_answers_with_the_serving_deployments_document(local_backend, gw):
+    endpoint = local_backend.get_endpoint(gw)
+    headers = auth(local_backend, gw)
+    assert requests.get(endpoint.openapi_uri, timeout=30).status_code == 401
+    resp = requests.get(endpoint.openapi_uri, headers=headers, timeout=30)
+    # the inference server's own answer (echo's score.py declares no schema), from the deployment with most traffic
+    [blue] = local_backend.get_deployment(gw, "blue").instances
+    direct = requests.get(f"http://127.0.0.1:{blue['port']}/swagger.json", timeout=30)
+    assert (resp.status_code, resp.content) == (direct.status_code, direct.content)
+    assert resp.headers["azureml-model-deployment"] == "blue"
+    pinned = requests.get(endpoint.openapi_uri, headers={**headers, "azureml-model-deployment": "green"}, timeout=30)
+    assert pinned.headers["azureml-model-deployment"] == "green"

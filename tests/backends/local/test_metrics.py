@@ -5,6 +5,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from saferollout.backends.local.daemon import admin_token
 from saferollout.backends.local.metrics import aggregate, grain_seconds, parse_filter
 from saferollout.errors import SpecError
 from saferollout.specs import EndpointSpec
@@ -142,7 +143,13 @@ def test_a_window_outside_the_requests_holds_no_samples(local_backend, served):
 
 def test_gateway_serves_prometheus_metrics(local_backend, served):
     endpoint = served[0]
-    text = requests.get(f"{local_backend.gateway_url}/metrics", timeout=10).text
+    url = f"{local_backend.gateway_url}/metrics"
+    for headers in ({}, {"Authorization": "Bearer not-the-admin-token"}):
+        refused = requests.get(url, headers=headers, timeout=10)
+        assert refused.status_code == 401 and "saferollout_requests" not in refused.text
+        assert refused.json()["message"] == ("missing or invalid credentials: /metrics takes the workspace admin "
+                                             "token (Authorization: Bearer <admin.token>)")
+    text = requests.get(url, headers={"Authorization": f"Bearer {admin_token(local_backend.home)}"}, timeout=10).text
     counts = {(s.labels["deployment"], s.labels["status_class"], s.labels["mirrored"]): s.value
               for family in text_string_to_metric_families(text) if family.name == "saferollout_requests"
               for s in family.samples if s.name == "saferollout_requests_total" and s.labels["endpoint"] == endpoint}

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,32 @@ def test_an_expired_token_is_401_with_a_message(private_platform):
     assert expired.status_code == 401
     assert expired.json()["message"] == "token expired: get a new one with get-credentials"
     assert requests.post(uri, json={"x": 1}, headers=auth(backend, endpoint), timeout=30).status_code == 404
+
+
+def test_requests_sent_while_the_platform_restarts_wait_for_the_instances_instead_of_failing(private_platform):
+    backend = private_platform
+    endpoint = new_endpoint(backend)
+    deploy_all(backend, [echo_spec(endpoint, "steady", timeout_ms=30_000)])
+    backend.update_endpoint(endpoint, traffic={"steady": 100})
+    uri, headers = backend.get_endpoint(endpoint).scoring_uri, auth(backend, endpoint)  # keys survive a restart
+    stop_platform(backend.home)
+    answers: list[int] = []
+    done = threading.Event()
+
+    def send() -> None:  # from before the platform is up until it has brought everything back
+        while not done.is_set():
+            try:
+                answers.append(requests.post(uri, json={"x": 1}, headers=headers, timeout=40).status_code)
+            except requests.ConnectionError:  # the gateway's port is not open yet
+                time.sleep(0.01)
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        start_platform(backend.home)
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join()
+    assert answers and Counter(answers) == {200: len(answers)}

@@ -12,6 +12,8 @@ import asyncio
 import fcntl
 import json
 import logging
+import logging.handlers
+import math
 import os
 import random
 import secrets
@@ -30,16 +32,21 @@ from saferollout.backends.local.gateway import DEFAULT_MAX_BODY_BYTES, Deploymen
 from saferollout.backends.local.instances import Instance, InstanceConfig, free_port, tail
 from saferollout.backends.local.metrics import RequestLog, aggregate, validate_query
 from saferollout.backends.local.store import Store, new_key
+from saferollout.backends.local.workspace import PRIVATE_UMASK, private_home
 from saferollout.errors import BackendError, Conflict, NotFound, SafeRolloutError, SpecError
 from saferollout.processes import pid_alive
-from saferollout.specs import (DeploymentSpec, deployment_spec_from_dict, endpoint_spec_from_dict,
-                               parse_model_ref, validate_mirror, validate_model_name, validate_traffic)
+from saferollout.specs import (DeploymentSpec, ProbeSettings, _probe, _request_settings, deployment_spec_from_dict,
+                               endpoint_spec_from_dict, parse_model_ref, validate_mirror, validate_model_name,
+                               validate_traffic)
 
 log = logging.getLogger("saferollout.platform")
 DEFAULT_HOME = ".saferollout"
-TOKEN_TTL_S = float(os.environ.get("SAFEROLLOUT_TOKEN_TTL_S", "3600"))
+TOKEN_TTL_ENV = "SAFEROLLOUT_TOKEN_TTL_S"
 ROUTING_SEED_ENV = "SAFEROLLOUT_ROUTING_SEED"
 START_TIMEOUT_S = 120.0
+LOG_NAME = "platform.log"
+LOG_MAX_BYTES_ENV = "SAFEROLLOUT_LOG_MAX_BYTES"
+OUTPUT_NAME = "platform.out"  # the platform process's stdout and stderr, this start's only
 ERROR_STATUS = {SpecError: 400, NotFound: 404, Conflict: 409}
 
 
@@ -51,17 +58,29 @@ def routing_rng() -> random.Random:
     return random.Random(int(seed)) if seed else random.Random()
 
 
+def token_ttl_s() -> float:
+    """How long an issued aml_token lives: SAFEROLLOUT_TOKEN_TTL_S (a positive, finite number) or an hour."""
+    text = os.environ.get(TOKEN_TTL_ENV, "3600")
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = math.nan
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise SpecError(f"{TOKEN_TTL_ENV} must be a positive number of seconds, got {text!r}")
+    return ttl
+
+
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     return Path(home or os.environ.get("SAFEROLLOUT_HOME") or DEFAULT_HOME).expanduser().resolve()
 
 
 def admin_token(home: Path) -> str:
-    """The workspace admin token, created once with mode 0600."""
+    """The workspace admin token, created once with mode 0600 (the workspace checked private first)."""
+    private_home(home)
     path = home / "admin.token"
     if not path.exists():
         # written whole under a private name, then linked into place: two processes starting a new
         # workspace at once agree on one token, and neither can read a half-written file
-        home.mkdir(parents=True, exist_ok=True)
         draft = home / f".admin.token.{os.getpid()}"
         fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -97,7 +116,8 @@ class DeploymentRuntime:
             endpoint=self.endpoint, deployment=self.name, index=index, code_dir=record["code_dir"],
             scoring_script=spec.scoring_script, model_dir=record["model_dir"],
             environment_variables=spec.environment_variables, readiness=spec.readiness_probe,
-            liveness=spec.liveness_probe, log_path=self.log_dir() / f"instance-{index}.log")
+            liveness=spec.liveness_probe, log_path=self.log_dir() / f"instance-{index}.log",
+            umask=self.platform.user_umask)
         return Instance(config, self.pool.notify)
 
     async def start_instances(self, record: dict[str, Any], spec: DeploymentSpec, count: int,
@@ -119,24 +139,27 @@ class DeploymentRuntime:
         self.pool.failed = True
         old, self.instances = self.instances, []
         self.pool.instances = []
+        self.pool.notify()  # requests waiting for an instance fail now
         await asyncio.gather(*(inst.stop() for inst in old))
 
 
 class Platform:
-    def __init__(self, home: Path, gateway_port: int | None = None):
+    def __init__(self, home: Path, gateway_port: int | None = None, user_umask: int | None = None):
         self.home = home
+        self.user_umask = user_umask  # instances run the scoring script with the user's own umask
         self.store = Store(home)
         self.token = admin_token(home)
         self.request_log = RequestLog(home / "metrics.db")
         self.gateway = Gateway(self.request_log, self.store.signing_key(),
                                max_body_bytes=int(os.environ.get("SAFEROLLOUT_MAX_BODY_BYTES",
                                                                  DEFAULT_MAX_BODY_BYTES)),
-                               rng=routing_rng())
+                               rng=routing_rng(), metrics_token=self.token)
         stored = self.store.get_meta("gateway_port")
         self.gateway_port = int(stored) if stored else (gateway_port or free_port())
         self.store.set_meta("gateway_port", str(self.gateway_port))
         self.control_port = 0
         self.runtimes: dict[tuple[str, str], DeploymentRuntime] = {}
+        self.copying: set[tuple[str, str]] = set()  # deployments whose model or code is being copied
         self.reconciled = False
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -177,13 +200,17 @@ class Platform:
                 "instances": [i.describe() for i in runtime.instances] if runtime else []}
 
     # ---- models -----------------------------------------------------------------------------
-    def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
         name = validate_model_name(body.get("name"))
-        return self.store.register_model(name, body.get("path") or "", body.get("description") or "",
-                                         body.get("tags") or {}, body.get("properties") or {},
-                                         body.get("type") or "custom_model")
+        string_map(body.get("tags") or {}, "tags"), string_map(body.get("properties") or {}, "properties")
+        staged = await asyncio.to_thread(self.store.copy_model, body.get("path") or "")  # off the event loop
+        return self.store.add_model(name, staged, str(body.get("description") or ""),
+                                    string_map(body.get("tags") or {}, "tags"),
+                                    string_map(body.get("properties") or {}, "properties"),
+                                    str(body.get("type") or "custom_model"))
 
-    def resolve_model(self, endpoint: str, deployment: str, model: str | None) -> tuple[str | None, str | None]:
+    async def resolve_model(self, endpoint: str, deployment: str,
+                            model: str | None) -> tuple[str | None, str | None]:
         """-> (model reference, folder to use as AZUREML_MODEL_DIR)."""
         if not model:
             return None, None
@@ -191,7 +218,8 @@ class Platform:
             name, version = parse_model_ref(model)
             record = self.store.get_model(name, version)
         else:  # a local path: registered as an anonymous model version, as Azure does
-            record = self.store.register_model(f"{endpoint}-{deployment}-anonymous", model, "", {}, {})
+            staged = await asyncio.to_thread(self.store.copy_model, model)
+            record = self.store.add_model(f"{endpoint}-{deployment}-anonymous", staged, "", {}, {})
         return f"azureml:{record['name']}:{record['version']}", str(Path(record["path"]).parent)
 
     # ---- endpoints --------------------------------------------------------------------------
@@ -224,7 +252,7 @@ class Platform:
                 raise Conflict(f"cannot mirror to deployment {dep!r}: its state is {deployments[dep]['state']}")
         fields: dict[str, Any] = {"traffic": traffic, "mirror_traffic": mirror}
         if body.get("tags") is not None:
-            fields["tags"] = {str(k): str(v) for k, v in body["tags"].items()}
+            fields["tags"] = string_map(body["tags"], "tags")
         if body.get("description") is not None:
             fields["description"] = str(body["description"])
         record = self.store.update_endpoint(name, **fields)
@@ -237,6 +265,7 @@ class Platform:
             await self.runtimes.pop(key).stop()
         self.gateway.remove_route(name)
         self.store.delete_endpoint(name)
+        await asyncio.to_thread(self.store.remove_code, name)
         # its metrics go with it, as on Azure: a new endpoint of the same name starts with no history
         await asyncio.to_thread(self.request_log.delete_endpoint, name)
 
@@ -245,7 +274,7 @@ class Platform:
         if record["auth_mode"] == "key":
             return {"auth_mode": "key", "primary_key": record["primary_key"],
                     "secondary_key": record["secondary_key"]}
-        token, expiry = issue_token(self.store.signing_key(), name, TOKEN_TTL_S)
+        token, expiry = issue_token(self.store.signing_key(), name, token_ttl_s())
         return {"auth_mode": "aml_token", "access_token": token, "expiry_time_utc": expiry}
 
     def regenerate_keys(self, name: str, key_type: str) -> dict[str, Any]:
@@ -260,6 +289,11 @@ class Platform:
 
     # ---- deployments ------------------------------------------------------------------------
     def _validated_spec(self, body: dict[str, Any]) -> DeploymentSpec:
+        # the YAML loader's own checks of request settings and probes (ranges, known keys), as a client
+        # calling the control API directly gets no YAML loader in between
+        _request_settings(body.get("request_settings"))
+        for probe in ("liveness_probe", "readiness_probe"):
+            _probe(body.get(probe), probe, ProbeSettings())
         spec = DeploymentSpec.from_dict(body)
         data = {"name": spec.name, "endpoint_name": spec.endpoint_name, "model": spec.model,
                 "instance_count": spec.instance_count}
@@ -267,22 +301,37 @@ class Platform:
         if not spec.code_path or not spec.scoring_script:
             raise SpecError(f"deployment {spec.name!r} needs code_configuration (code and scoring_script): "
                             "the local platform runs a scoring script, it does not build no-code deployments")
-        if not (Path(spec.code_path) / spec.scoring_script).is_file():
+        code = Path(spec.code_path).resolve()
+        script = (code / spec.scoring_script).resolve()
+        if Path(spec.scoring_script).is_absolute() or not script.is_relative_to(code):
+            # the instance runs the script from the code snapshot: one outside `code` would run live
+            raise SpecError(f"scoring_script must be a path inside code ({code}), relative to it; "
+                            f"got {spec.scoring_script!r}")
+        if not script.is_file():
             raise SpecError(f"scoring script not found: {Path(spec.code_path) / spec.scoring_script}")
         return spec
 
-    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._validated_spec(body)
         self.store.get_endpoint(spec.endpoint_name)
         key = (spec.endpoint_name, spec.name)
+        exists = key in self.copying
         try:
             self.store.get_deployment(*key)
-            raise Conflict(f"deployment {spec.name!r} already exists on endpoint {spec.endpoint_name!r}: "
-                           "use update")
+            exists = True
         except NotFound:
             pass
-        model_ref, model_dir = self.resolve_model(spec.endpoint_name, spec.name, spec.model)
-        code_dir = self.store.snapshot_code(spec.endpoint_name, spec.name, 1, spec.code_path)
+        if exists:
+            raise Conflict(f"deployment {spec.name!r} already exists on endpoint {spec.endpoint_name!r}: "
+                           "use update")
+        self.copying.add(key)  # the copies below run in threads: a second create of this name must wait
+        try:
+            model_ref, model_dir = await self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            code_dir = await asyncio.to_thread(self.store.snapshot_code, spec.endpoint_name, spec.name, 1,
+                                               spec.code_path)
+            self.store.get_endpoint(spec.endpoint_name)  # not deleted meanwhile
+        finally:
+            self.copying.discard(key)
         record = self.store.create_deployment(spec.endpoint_name, spec.name, spec.to_dict(), model_ref,
                                               model_dir, code_dir)
         runtime = DeploymentRuntime(self, record)
@@ -298,7 +347,11 @@ class Platform:
             spec = DeploymentSpec.from_dict(record["spec"])
             runtime.apply_settings(spec)
             runtime.pool.failed = False
-            instances, reason = await runtime.start_instances(record, spec, spec.instance_count)
+            runtime.pool.starting = True
+            try:
+                instances, reason = await runtime.start_instances(record, spec, spec.instance_count)
+            finally:
+                runtime.pool.starting = False
             if (runtime.endpoint, runtime.name) not in self.runtimes:  # deleted meanwhile
                 await asyncio.gather(*(i.stop(drain_s=0) for i in instances))
                 return
@@ -309,19 +362,26 @@ class Platform:
                 self.store.update_deployment(runtime.endpoint, runtime.name, state="Succeeded", reason="")
             else:
                 runtime.pool.failed = True
+                runtime.pool.notify()  # requests waiting for it fail now
                 self.store.update_deployment(runtime.endpoint, runtime.name, state="Failed", reason=reason)
 
-    def update_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def update_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = self._validated_spec(body)
         key = (spec.endpoint_name, spec.name)
         record = self.store.get_deployment(*key)
         runtime = self.runtimes[key]
-        if runtime.lock.locked():
+        if runtime.lock.locked() or key in self.copying:
             raise Conflict(f"deployment {spec.name!r} is being provisioned: wait for it to finish")
         old = DeploymentSpec.from_dict(record["spec"])
         model_ref, model_dir = record["model_ref"], record["model_dir"]
         if spec.model != old.model:
-            model_ref, model_dir = self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            self.copying.add(key)
+            try:
+                model_ref, model_dir = await self.resolve_model(spec.endpoint_name, spec.name, spec.model)
+            finally:
+                self.copying.discard(key)
+            if self.runtimes.get(key) is not runtime:  # deleted while we copied
+                raise NotFound(f"deployment {spec.name!r} not found on endpoint {spec.endpoint_name!r}")
         self.store.update_deployment(*key, state="Updating", reason="")
         runtime.task = asyncio.create_task(self.roll(runtime, record, old, spec, model_ref, model_dir))
         return self.deployment_view(self.store.get_deployment(*key))
@@ -336,8 +396,8 @@ class Platform:
                 old.model, old.code_path, old.scoring_script, old.environment_variables,
                 old.readiness_probe, old.liveness_probe) and record["state"] != "Failed"
             generation = record["generation"] + (0 if same_code else 1)
-            code_dir = record["code_dir"] if same_code else self.store.snapshot_code(
-                *key, generation, spec.code_path)
+            code_dir = record["code_dir"] if same_code else await asyncio.to_thread(
+                self.store.snapshot_code, *key, generation, spec.code_path)
             target = dict(record, code_dir=code_dir, model_dir=model_dir)
             if same_code and runtime.instances:
                 keep = runtime.instances[:spec.instance_count]
@@ -375,37 +435,47 @@ class Platform:
         self.store.update_endpoint(endpoint, traffic=traffic)
         self.store.delete_deployment(endpoint, name)
         self.refresh_route(endpoint)
+        await asyncio.to_thread(self.store.remove_code, endpoint, name)
         if runtime is not None:
             if runtime.task is not None and not runtime.task.done():
                 runtime.task.cancel()
             await runtime.stop()
 
-    def deployment_logs(self, endpoint: str, name: str, lines: int | None) -> str:
+    async def deployment_logs(self, endpoint: str, name: str, lines: int | None) -> str:
         self.store.get_deployment(endpoint, name)
-        folder = self.home / "logs" / endpoint / name
-        parts = []
-        for path in sorted(folder.glob("instance-*.log")):
-            parts.append(f"---- {path.stem}\n{tail(path, lines)}")
-        return "\n".join(parts)
+        return await asyncio.to_thread(_instance_logs, self.home / "logs" / endpoint / name, lines)
 
     # ---- lifecycle --------------------------------------------------------------------------
-    async def reconcile(self) -> None:
-        """Bring back what the store says should run (after a stop, a crash or a SIGKILL)."""
+    def restore(self) -> None:
+        """Routes and deployments as the store keeps them, before the gateway opens: a request that
+        arrives while instances come back waits for them (within request_timeout_ms) instead of failing."""
         for endpoint in self.store.list_endpoints():
             self.refresh_route(endpoint["name"])
-        tasks = []
         for record in self.store.list_deployments():
             runtime = DeploymentRuntime(self, record)
             self.runtimes[(record["endpoint"], record["name"])] = runtime
-            serving = record["state"] != "Failed" or record["reason"].startswith("update failed")
-            if serving:
-                if record["state"] in ("Creating", "Updating"):
-                    self.store.update_deployment(record["endpoint"], record["name"], state="Creating")
-                runtime.task = asyncio.create_task(self.provision_kept_state(runtime, record))
-                tasks.append(runtime.task)
+            if self._serving(record):
+                runtime.pool.starting = True
             else:
                 runtime.pool.failed = True
             self.refresh_route(record["endpoint"])
+
+    @staticmethod
+    def _serving(record: dict[str, Any]) -> bool:
+        return record["state"] != "Failed" or record["reason"].startswith("update failed")
+
+    async def reconcile(self) -> None:
+        """Bring back what the store says should run (after a stop, a crash or a SIGKILL)."""
+        if not self.runtimes:
+            self.restore()
+        tasks = []
+        for (endpoint, name), runtime in list(self.runtimes.items()):
+            record = self.store.get_deployment(endpoint, name)
+            if self._serving(record):
+                if record["state"] in ("Creating", "Updating"):
+                    self.store.update_deployment(endpoint, name, state="Creating")
+                runtime.task = asyncio.create_task(self.provision_kept_state(runtime, record))
+                tasks.append(runtime.task)
         await asyncio.gather(*tasks, return_exceptions=True)
         self.reconciled = True
 
@@ -423,7 +493,7 @@ class Platform:
         return {"pid": os.getpid(), "home": str(self.home), "gateway_port": self.gateway_port,
                 "control_port": self.control_port, "reconciled": self.reconciled,
                 "uptime_s": round(time.time() - self.started_at, 1),
-                "endpoints": len(self.store.list_endpoints()),
+                "endpoints": len(self.store.list_endpoints()), "metrics_log": self.request_log.health(),
                 "deployments": {f"{ep}/{name}": self.store.get_deployment(ep, name)["state"]
                                 for (ep, name) in self.runtimes}}
 
@@ -440,6 +510,10 @@ def _handler(fn: Callable[[web.Request], Awaitable[Any]]) -> Callable[[web.Reque
         except (TypeError, ValueError, KeyError) as exc:
             return web.json_response({"error": {"type": "SpecError", "message": f"invalid request: {exc}"}},
                                      status=400)
+        except RecursionError:
+            return web.json_response({"error": {"type": "SpecError",
+                                                "message": "invalid request: its JSON is nested too deeply"}},
+                                     status=400)
         return web.json_response(result if result is not None else {"ok": True})
     return wrapped
 
@@ -448,16 +522,23 @@ def control_app(platform: Platform) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request, handler):
         header = request.headers.get("Authorization", "")
-        if not secrets.compare_digest(header.encode(), f"Bearer {platform.token}".encode()):
+        if not secrets.compare_digest(header.encode("utf-8", "surrogateescape"),
+                                      f"Bearer {platform.token}".encode()):
             return web.json_response({"error": {"type": "BackendError", "message": "invalid admin token"}},
                                      status=401)
-        return await handler(request)
+        response = await handler(request)
+        if request.method != "GET":  # one line per change made through the control API
+            log.info("%s %s -> %s", request.method, request.path, response.status)
+        return response
 
     p = platform
     m = lambda r: r.match_info  # noqa: E731
 
     async def body(request: web.Request) -> dict[str, Any]:
-        return await request.json() if request.can_read_body else {}
+        data = await request.json() if request.can_read_body else {}
+        if not isinstance(data, dict):
+            raise SpecError(f"invalid request: the body must be a JSON object, got {type(data).__name__}")
+        return data
 
     async def metrics(r: web.Request) -> Any:
         q = r.query
@@ -487,6 +568,10 @@ def control_app(platform: Platform) -> web.Application:
                  "live_body", "mirror_deployment", "mirror_status", "mirror_body")
         return [{k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in zip(names, row)}
                 for row in rows]
+
+    async def logs(r: web.Request) -> Any:
+        lines = int(r.query["lines"]) if r.query.get("lines") else None
+        return {"logs": await p.deployment_logs(m(r)["endpoint"], m(r)["name"], lines)}
 
     async def shutdown(r: web.Request) -> Any:
         p.stopping.set()
@@ -518,14 +603,23 @@ def control_app(platform: Platform) -> web.Application:
         ("PUT", "/api/endpoints/{endpoint}/deployments/{name}", lambda r: _then(body(r), p.update_deployment)),
         ("DELETE", "/api/endpoints/{endpoint}/deployments/{name}",
          lambda r: p.delete_deployment(m(r)["endpoint"], m(r)["name"])),
-        ("GET", "/api/endpoints/{endpoint}/deployments/{name}/logs", lambda r: _now(
-            {"logs": p.deployment_logs(m(r)["endpoint"], m(r)["name"],
-                                       int(r.query["lines"]) if r.query.get("lines") else None)})),
+        ("GET", "/api/endpoints/{endpoint}/deployments/{name}/logs", logs),
     ]
     app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024 * 1024)
     for method, path, fn in routes:
         app.router.add_route(method, path, _handler(_coroutine(fn)))
     return app
+
+
+def _instance_logs(folder: Path, lines: int | None) -> str:
+    return "\n".join(f"---- {path.stem}\n{tail(path, lines)}" for path in sorted(folder.glob("instance-*.log")))
+
+
+def string_map(value: Any, field: str) -> dict[str, str]:
+    """A mapping of names to text values, as tags and properties are; SpecError naming `field` if not."""
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+        raise SpecError(f"invalid {field}: expected a mapping of names to text values, got {json.dumps(value)[:80]}")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _existing(platform: Platform, endpoint: str) -> str:
@@ -544,7 +638,8 @@ async def _now(value: Any) -> Any:
 
 
 async def _then(awaitable: Awaitable[Any], fn: Callable[[Any], Any]) -> Any:
-    return fn(await awaitable)
+    result = fn(await awaitable)
+    return await result if asyncio.iscoroutine(result) else result
 
 
 def _coroutine(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Awaitable[Any]]:
@@ -556,8 +651,8 @@ def _coroutine(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Awai
 
 # ---- process entry point --------------------------------------------------------------------
 
-async def serve(home: Path) -> int:
-    platform = Platform(home)
+async def serve(home: Path, user_umask: int | None = None) -> int:
+    platform = Platform(home, user_umask=user_umask)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, platform.stopping.set)
@@ -565,6 +660,7 @@ async def serve(home: Path) -> int:
     control_runner = web.AppRunner(control_app(platform), access_log=None)
     await gateway_runner.setup()
     await control_runner.setup()
+    platform.restore()
     try:
         await web.TCPSite(gateway_runner, "127.0.0.1", platform.gateway_port, backlog=1024).start()
     except OSError as exc:
@@ -590,20 +686,47 @@ async def serve(home: Path) -> int:
     return 0
 
 
+def setup_logging(home: Path) -> None:
+    """platform.log, rotated (SAFEROLLOUT_LOG_MAX_BYTES, default 10 MB, three old files kept)."""
+    handler = logging.handlers.RotatingFileHandler(home / LOG_NAME, maxBytes=_log_max_bytes(), backupCount=3)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+def _log_max_bytes() -> int:
+    text = os.environ.get(LOG_MAX_BYTES_ENV, str(10 * 1024 * 1024))
+    if not text.isdigit() or int(text) < 1024:
+        raise SpecError(f"{LOG_MAX_BYTES_ENV} must be a whole number of bytes, at least 1024; got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saferollout-platform")
     parser.add_argument("--home", default=None)
     args = parser.parse_args(argv)
     home = resolve_home(args.home)
-    home.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    user_umask = os.umask(PRIVATE_UMASK)  # every file the platform writes is private from its first byte
+    try:
+        private_home(home)
+        setup_logging(home)
+    except SafeRolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     lock = open(home / "platform.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print(f"error: a platform is already running for {home}", file=sys.stderr)
         return 3
-    return asyncio.run(serve(home))
+    try:
+        return asyncio.run(serve(home, user_umask))
+    except Exception as exc:  # the reason goes to the log, and (one line) to the client waiting for us
+        log.exception("the platform stopped: %s", exc)
+        print(f"error: the platform stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 # ---- client side: start, stop, status -------------------------------------------------------
@@ -636,35 +759,51 @@ def platform_status(home: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def start_platform(home: str | os.PathLike | None = None, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
-    """Start the platform for `home` unless it runs; return once every kept deployment is back."""
+    """Start the platform for `home` unless it runs; return once every kept deployment is back.
+
+    If the platform process exits while we wait, fail at once with the reason it gave.
+    """
     home = resolve_home(home)
-    home.mkdir(parents=True, exist_ok=True)
-    admin_token(home)
+    admin_token(home)  # the workspace made (or checked) private, and its token, before any platform
     with open(home / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two clients starting at once start one platform
         status = platform_status(home)
-        if not status["running"]:
-            _spawn(home)
+        process = None if status["running"] else _spawn(home)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = platform_status(home)
             if status["running"] and status.get("reconciled"):
                 return status
+            if process is not None and process.poll() is not None:
+                raise BackendError(f"the local platform for {home} did not start: {_exit_reason(home, process)}")
             time.sleep(0.1)
-    raise BackendError(f"the local platform did not start within {timeout:.0f} s; see {home / 'platform.log'}")
+    raise BackendError(f"the local platform did not start within {timeout:.0f} s; see {home / LOG_NAME}")
 
 
-def _spawn(home: Path) -> None:
+def _exit_reason(home: Path, process: subprocess.Popen) -> str:
+    """The last `error:` line the platform printed, else its last line, else its exit code."""
+    try:
+        lines = [line.strip() for line in (home / OUTPUT_NAME).read_text(errors="replace").splitlines()]
+    except OSError:
+        lines = []
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("error:")]
+    reason = (errors or lines or [f"it exited with code {process.returncode}"])[-1]
+    return reason.removeprefix("error: ") + f" (see {home / LOG_NAME})"
+
+
+def _spawn(home: Path) -> subprocess.Popen:
     stale = home / "platform.json"
     if stale.exists():
         stale.unlink()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[3]),
                                                       env.get("PYTHONPATH")]))
-    with open(home / "platform.log", "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "saferollout.backends.local.daemon", "--home", str(home)],
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                         env=env, cwd=str(home))
+    fd = os.open(home / OUTPUT_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "saferollout.backends.local.daemon", "--home", str(home)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                env=env, cwd=str(home))
 
 
 def stop_platform(home: str | os.PathLike | None = None, timeout: float = 30.0) -> bool:

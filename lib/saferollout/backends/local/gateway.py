@@ -13,12 +13,14 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
@@ -58,14 +60,24 @@ def check_token(signing_key: bytes, endpoint: str, token: str, now: float | None
         claims = json.loads(_unb64(payload))
     except ValueError:
         return "invalid token"
+    if not isinstance(claims, dict):
+        return "invalid token"
     if claims.get("endpoint") != endpoint:
         return "token was issued for another endpoint"
-    if float(claims.get("exp", 0)) <= (now if now is not None else time.time()):
+    expiry = claims.get("exp")
+    # JSON allows NaN and Infinity: a token must name a real moment, or it would never expire
+    if isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or not math.isfinite(expiry):
+        return "invalid token: its expiry is not a finite number"
+    if expiry <= (now if now is not None else time.time()):
         return "token expired: get a new one with get-credentials"
     return None
 
 
 # ---- routing --------------------------------------------------------------------------------
+
+class NoInstance(Exception):
+    """The deployment has no instance that is running or coming up."""
+
 
 class DeploymentPool:
     """The instances of one deployment as the gateway sees them: least-busy choice, bounded queue."""
@@ -78,6 +90,9 @@ class DeploymentPool:
         self.instances: list[Instance] = []
         self.in_flight = 0
         self.failed = False  # a Failed deployment is never routed to
+        # Instances being started (creation, or every deployment after a platform restart): requests wait for
+        # them, within request_timeout_ms, instead of failing while the platform comes back.
+        self.starting = False
         self._changed = asyncio.Condition()
         self._waiting = 0
         self._turn = 0
@@ -88,7 +103,8 @@ class DeploymentPool:
         return 2 * self.max_concurrent * max(1, len(self.instances))
 
     def servable(self) -> bool:
-        return not self.failed and any(i.state in ("ready", "starting", "restarting") for i in self.instances)
+        return not self.failed and (self.starting or any(i.state in ("ready", "starting", "restarting")
+                                                         for i in self.instances))
 
     def _pick(self) -> Instance | None:
         """The least busy ready instance with a free slot; ties go round-robin, so idle instances share work."""
@@ -102,13 +118,18 @@ class DeploymentPool:
         return best
 
     async def acquire(self) -> Instance:
-        """Wait for a ready instance with a free slot (the caller bounds the wait with its timeout)."""
+        """Wait for a ready instance with a free slot (the caller bounds the wait with its timeout).
+
+        NoInstance if the deployment stops being servable while we wait (it failed, or nothing runs).
+        """
         inst = self._pick()
         if inst is None:
             self._waiting += 1
             try:
                 async with self._changed:
                     while (inst := self._pick()) is None:
+                        if not self.servable():
+                            raise NoInstance(f"deployment {self.name!r} has no running instance")
                         await self._changed.wait()
             finally:
                 self._waiting -= 1
@@ -162,8 +183,11 @@ class Gateway:
 
     def __init__(self, request_log: RequestLog, signing_key: bytes,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, metrics_token: str | None = None):
         self.routes: dict[str, EndpointRoute] = {}
+        # /metrics tells who calls which endpoint how often: it takes the workspace admin token
+        # (Prometheus: `authorization: {credentials_file: <workspace>/admin.token}`)
+        self.metrics_token = metrics_token
         self.request_log = request_log
         self.signing_key = signing_key
         self.max_body_bytes = max_body_bytes
@@ -181,6 +205,7 @@ class Gateway:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/endpoints/{endpoint}/score", self.score)
+        app.router.add_get("/endpoints/{endpoint}/swagger.json", self.swagger)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/", self.health)
         app.on_cleanup.append(self._close)
@@ -199,7 +224,43 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "Healthy"})
 
+    async def swagger(self, request: web.Request) -> web.Response:
+        """The endpoint's OpenAPI document (its `openapi_uri`), as the serving deployment's inference server
+        builds it from the scoring script's schema decorators: the deployment the header names, else the one
+        with the most traffic. Authenticated as scoring is."""
+        request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
+        route = self.routes.get(request.match_info["endpoint"])
+        if route is None:
+            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
+        refusal = self._authorize(route, request.headers.get("Authorization", ""))
+        if refusal:
+            return _reply(401, refusal, request_id)
+        name = request.headers.get(DEPLOYMENT_HEADER) or max(
+            (n for n, w in route.traffic.items() if w > 0 and n in route.pools), key=route.traffic.get, default=None)
+        pool = route.pools.get(name) if name else None
+        if pool is None:
+            return _reply(404, f"no deployment to describe: endpoint {route.name!r} has no traffic set and the "
+                               f"request names no deployment" if not name else
+                               f"deployment {name!r} not found on endpoint {route.name!r}", request_id)
+        inst = next((i for i in pool.instances if i.ready), None)
+        if inst is None:
+            return _reply(424, f"deployment {pool.name!r} has no running instance", request_id, pool.name)
+        query = f"?{request.query_string}" if request.query_string else ""
+        try:
+            status, payload = await inst.get(f"/swagger.json{query}")
+        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return _reply(424, f"model server is unavailable: {exc}", request_id, pool.name)
+        return web.Response(body=payload, status=status, content_type="application/json",
+                            headers={DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id,
+                                     "x-ms-request-id": request_id})
+
     async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics_token is not None:
+            header = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(header, f"Bearer {self.metrics_token}".encode()):
+                return web.json_response({"message": "missing or invalid credentials: /metrics takes the "
+                                                     "workspace admin token (Authorization: Bearer <admin.token>)"},
+                                         status=401)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ---- the scoring path -------------------------------------------------------------------
@@ -225,6 +286,8 @@ class Gateway:
                 json.loads(body)
             except ValueError as exc:
                 return _reply(400, f"malformed JSON in request body: {exc}", request_id)
+            except RecursionError:
+                return _reply(400, "malformed JSON in request body: it is nested too deeply", request_id)
         pinned = request.headers.get(DEPLOYMENT_HEADER)
         if pinned:
             pool = route.pools.get(pinned)
@@ -250,6 +313,8 @@ class Gateway:
         if scheme.lower() != "bearer" or not credential.strip():
             return "missing credentials: send 'Authorization: Bearer <key or token>'"
         credential = credential.strip()
+        if not credential.isascii():  # keys and tokens are ASCII; aiohttp hands other bytes over as surrogates
+            return "invalid credentials: the Authorization header holds bytes that are not ASCII"
         if route.auth_mode == "key":
             matched = False
             for key in route.keys:  # compare against every key, in constant time each
@@ -284,7 +349,10 @@ class Gateway:
 
     async def _call_instance(self, pool: DeploymentPool, body: bytes,
                              content_type: str) -> tuple[int, bytes, int | None]:
-        inst = await pool.acquire()
+        try:
+            inst = await pool.acquire()
+        except NoInstance as exc:
+            return 424, str(exc).encode(), None
         try:
             status, payload = await inst.score(body, content_type)
             return (200 if status == 200 else 424), payload, status

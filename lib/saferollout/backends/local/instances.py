@@ -1,15 +1,17 @@
 """One `azmlinfsrv` process per instance: start, readiness, liveness, restart, stop.
 
 The user's scoring script runs unchanged under the official Azure ML inference server, with
-`AZUREML_MODEL_DIR` pointing at the registered model as on Azure. Instances are children of the platform
-process and die with it (PR_SET_PDEATHSIG), so a killed platform never leaves orphans holding ports.
+`AZUREML_MODEL_DIR` pointing at the registered model as on Azure, listening on 127.0.0.1 only (see
+`inference_server.py`). Each instance is a process group of its own (the gunicorn master and its workers):
+the master dies with the platform (PR_SET_PDEATHSIG), the workers die with the master, and stopping or
+restarting an instance signals the whole group, even when the master is already gone, so no worker is
+left serving on an old port.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -21,9 +23,8 @@ from typing import Callable
 
 import aiohttp
 
+from saferollout.backends.local.inference_server import die_with_parent
 from saferollout.specs import ProbeSettings
-
-PR_SET_PDEATHSIG = 1
 READINESS_POLL_S = 0.1
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 # A starting instance (importing libraries, loading the model) runs at this niceness until it is ready, so
@@ -38,14 +39,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def _before_exec(umask: int | None) -> None:
     """Runs in the child before exec: ask Linux to SIGTERM us when the platform process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: the platform's stop still terminates instances
-        pass
+    die_with_parent(signal.SIGTERM)  # gunicorn's master then stops its workers gracefully
     os.setpgrp()  # own process group, so stop() reaches the server's workers too
+    if umask is not None:  # the user's own, not the platform's private one
+        os.umask(umask)
     os.nice(STARTUP_NICENESS)
 
 
@@ -58,10 +57,8 @@ def _serve_at_normal_priority(pgid: int) -> None:
 
 
 def server_command() -> list[str]:
-    exe = shutil.which("azmlinfsrv", path=str(Path(sys.executable).parent)) or shutil.which("azmlinfsrv")
-    if exe is None:
-        raise RuntimeError("azmlinfsrv not found: install azureml-inference-server-http")
-    return [exe]
+    """azmlinfsrv, bound to loopback (it takes azmlinfsrv's own arguments)."""
+    return [sys.executable, "-m", "saferollout.backends.local.inference_server"]
 
 
 @dataclass
@@ -76,6 +73,7 @@ class InstanceConfig:
     readiness: ProbeSettings
     liveness: ProbeSettings
     log_path: Path
+    umask: int | None = None  # the user's umask for the scoring script (the platform's own is 077)
 
 
 class Instance:
@@ -124,6 +122,13 @@ class Instance:
         finally:
             writer.close()
 
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """GET `path` from this instance (e.g. its /swagger.json): (HTTP status, answer)."""
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.port}{path}",
+                                   timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                return resp.status, await resp.read()
+
     def describe(self) -> dict:
         return {"name": self.name, "state": self.state, "port": self.port, "restarts": self.restarts,
                 "pid": self.process.pid if self.process else None, "reason": self.reason}
@@ -166,7 +171,7 @@ class Instance:
             self.process = await asyncio.create_subprocess_exec(
                 *server_command(), "--entry_script", str(Path(cfg.code_dir) / cfg.scoring_script),
                 "--port", str(self.port), "--health_port", str(self.health_port), cwd=cfg.code_dir, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, preexec_fn=_die_with_parent)
+                stdout=log, stderr=log, preexec_fn=functools.partial(_before_exec, cfg.umask))
         finally:
             log.close()
 
@@ -253,23 +258,58 @@ class Instance:
         await self._kill()
 
     async def _kill(self) -> None:
+        """Stop the instance's whole process group: SIGTERM, then SIGKILL whatever is left after 3 s.
+
+        The group is signalled even when the master already exited: its workers may still be serving.
+        """
         proc = self.process
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
-                return
-            try:
-                await asyncio.wait_for(proc.wait(), wait_s)
-                return
-            except asyncio.TimeoutError:
-                continue
+                return  # nothing of the group is left
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                if proc.returncode is None:
+                    try:
+                        await asyncio.wait_for(proc.wait(), 0.05)
+                    except asyncio.TimeoutError:
+                        continue
+                if not _group_alive(proc.pid):
+                    return
+                await asyncio.sleep(0.05)
 
     def _set_state(self, state: str) -> None:
         self.state = state
         self._on_change()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The running (not zombie) processes of process group `pgid`, from /proc (Linux)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # orphaned workers that exited may stay zombies a while if nobody reaps them: they serve nothing
+    return not Path("/proc/self/stat").exists() or bool(group_members(pgid))
 
 
 def tail(path: Path, lines: int | None = None) -> str:

@@ -8,7 +8,9 @@ Monitor's language: metric names, aggregations, ISO 8601 grains and OData-like f
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -36,11 +38,18 @@ CREATE INDEX IF NOT EXISTS pairs_by_time ON mirrored_pairs (endpoint, ts);
 # Row order of `requests`, which is also the tuple the gateway records.
 RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned)
 RETENTION_S = 7 * 24 * 3600
+log = logging.getLogger("saferollout.platform")
 PAIR_BODY_LIMIT = 64 * 1024
 
 
 class RequestLog:
-    """Batched, durable per-request log. `record` is cheap; a thread writes batches every `interval_s`."""
+    """Batched, durable per-request log. `record` is cheap; a thread writes batches every `interval_s`.
+
+    The log is never a single point of failure: a file SQLite cannot read (corrupt, truncated) is moved
+    aside as `metrics.db.corrupt-<UTC time>` and a new log started, with one warning saying so; a log
+    removed while the platform runs is written again from the copy still open, history included. The
+    writer thread never dies of a bad batch, and `health()` says how it fares (`local status` shows it).
+    """
 
     def __init__(self, path: Path, interval_s: float = 0.2):
         self.path = Path(path)
@@ -50,11 +59,9 @@ class RequestLog:
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = interval_s
-        self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
-        self._add_pinned_column()
-        self._writer.execute("DELETE FROM requests WHERE ts < ?", (time.time() - RETENTION_S,))
-        self._writer.execute("DELETE FROM mirrored_pairs WHERE ts < ?", (time.time() - RETENTION_S,))
+        self._health: dict[str, Any] = {"state": "ok", "path": str(self.path), "last_error": None,
+                                        "last_error_at": None, "moved_aside": [], "lost_requests": 0}
+        self._writer = self._open()
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -64,11 +71,81 @@ class RequestLog:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def _add_pinned_column(self) -> None:
+    def _add_pinned_column(self, db: sqlite3.Connection) -> None:
         """A log written before requests were marked pinned gets the column (its rows count as routed)."""
-        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(requests)")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
         if "pinned" not in columns:
-            self._writer.execute("ALTER TABLE requests ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE requests ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
+
+    def _open(self) -> sqlite3.Connection:
+        """The log at `path`, ready to write; an unreadable file is moved aside and a new log started."""
+        try:
+            return self._prepared(self._connect())
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            return self._prepared(self._connect())
+
+    def _prepared(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        try:
+            db.executescript(SCHEMA)  # "file is not a database" here; damage deeper in is met when written
+            self._add_pinned_column(db)
+            db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - RETENTION_S,))
+            db.execute("DELETE FROM mirrored_pairs WHERE ts < ?", (time.time() - RETENTION_S,))
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        self._inode = os.stat(self.path).st_ino
+        return db
+
+    def _move_aside(self, exc: Exception) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{self.path}{suffix}")
+            if part.exists():
+                part.replace(Path(f"{aside}{suffix}"))
+        self._health["moved_aside"].append(str(aside))
+        self._note_error(exc)
+        log.warning("the request log %s could not be read (%s): moved it aside to %s and started a new one",
+                    self.path, exc, aside)
+
+    def _note_error(self, exc: Exception) -> None:
+        self._health.update(last_error=f"{type(exc).__name__}: {exc}", last_error_at=time.time())
+
+    def _recover(self, exc: Exception) -> None:
+        """Replace a writer whose file broke (called with the write lock held)."""
+        try:
+            self._writer.close()
+        except sqlite3.Error:
+            pass
+        self._move_aside(exc)
+        self._writer = self._prepared(self._connect())
+
+    def _reappear(self) -> None:
+        """The log was removed while we ran: write it again from the connection still open on it."""
+        fresh = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._writer.backup(fresh)
+        except sqlite3.Error as exc:  # the open copy is unreadable too: start empty
+            fresh.close()
+            Path(self.path).unlink(missing_ok=True)
+            self._note_error(exc)
+            log.warning("the request log %s was removed while the platform ran and its open copy could not be "
+                        "read (%s): started a new one", self.path, exc)
+        else:
+            fresh.close()
+            log.warning("the request log %s was removed while the platform ran: wrote it again from the copy "
+                        "still open (history kept)", self.path)
+        self._writer.close()
+        self._writer = self._prepared(self._connect())
+
+    def _check_file(self) -> None:
+        try:
+            missing = os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            missing = True
+        if missing:
+            self._reappear()
 
     def record(self, row: RequestRow) -> None:
         with self._lock:
@@ -83,47 +160,84 @@ class RequestLog:
         with self._lock:
             rows, self._pending = self._pending, []
             pairs, self._pending_pairs = self._pending_pairs, []
-        if not rows and not pairs:
-            return
         with self._write_lock:
+            self._check_file()
+            if not rows and not pairs:
+                return
+            try:
+                self._write(rows, pairs)
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                try:
+                    self._write(rows, pairs)
+                except sqlite3.DatabaseError as again:  # the new file fails too: count what is lost
+                    self._health["lost_requests"] += len(rows)
+                    self._note_error(again)
+                    raise
+            self._health["state"] = "ok"
+
+    def _write(self, rows: list[tuple], pairs: list[tuple]) -> None:
+        try:
             self._writer.execute("BEGIN")
             if rows:
                 self._writer.executemany("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)", rows)
             if pairs:
                 self._writer.executemany("INSERT INTO mirrored_pairs VALUES (?,?,?,?,?,?,?,?,?,?)", pairs)
             self._writer.execute("COMMIT")
+        except sqlite3.Error:
+            if self._writer.in_transaction:
+                try:
+                    self._writer.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # never let the writer die: say so in health() and keep going
+                self._health["state"] = "failing"
+                self._note_error(exc)
+                log.warning("the request log could not write a batch: %s", exc)
+
+    def health(self) -> dict[str, Any]:
+        """How the writer fares: state ok|failing, the last error, logs moved aside, requests lost."""
+        with self._lock:
+            pending = len(self._pending)
+        return {**self._health, "moved_aside": list(self._health["moved_aside"]), "pending": pending,
+                "writer_alive": self._thread.is_alive()}
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.flush()
+        try:
+            self.flush()
+        except Exception as exc:  # a stop must finish even if the last batch cannot be written
+            log.warning("the request log could not write its last batch: %s", exc)
         self._writer.close()
 
-    def rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
+    def _query(self, sql: str, params: tuple) -> list[tuple]:
         self.flush()
         with self._write_lock:
-            cur = self._writer.execute(
-                "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned "
-                "FROM requests WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
-            return cur.fetchall()
+            try:
+                return self._writer.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:  # broken under us: start a new log, which has no such rows
+                self._recover(exc)
+                return self._writer.execute(sql, params).fetchall()
+
+    def rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
+        return self._query(
+            "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned "
+            "FROM requests WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
 
     def pairs(self, endpoint: str, start: float, end: float) -> list[tuple]:
-        self.flush()
-        with self._write_lock:
-            cur = self._writer.execute(
-                "SELECT * FROM mirrored_pairs WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts",
-                (endpoint, start, end))
-            return cur.fetchall()
+        return self._query("SELECT * FROM mirrored_pairs WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts",
+                           (endpoint, start, end))
 
     def delete_endpoint(self, endpoint: str) -> None:
-        self.flush()
-        with self._write_lock:
-            self._writer.execute("DELETE FROM requests WHERE endpoint=?", (endpoint,))
-            self._writer.execute("DELETE FROM mirrored_pairs WHERE endpoint=?", (endpoint,))
+        self._query("DELETE FROM requests WHERE endpoint=?", (endpoint,))
+        self._query("DELETE FROM mirrored_pairs WHERE endpoint=?", (endpoint,))
 
 
 # ---- filters ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import secrets
 import shutil
 import sqlite3
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -77,25 +78,44 @@ class Store:
     # models ----------------------------------------------------------------------------------
     def register_model(self, name: str, source: str, description: str, tags: dict, properties: dict,
                        type_: str = "custom_model") -> dict[str, Any]:
+        """Copy `source` and record it as the next version of `name` (both steps here: for tests and tools)."""
+        return self.add_model(name, self.copy_model(source), description, tags, properties, type_)
+
+    def copy_model(self, source: str) -> Path:
+        """Copy a model file or folder into the workspace's staging area; no database access, so it may run
+        in a worker thread while the platform keeps serving. -> the staged copy (keeping the source's name).
+        """
         src = Path(source).expanduser()
         if not src.exists():
             raise SpecError(f"model path does not exist: {src}")
+        staging = self.home / "models" / ".staging" / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        try:
+            # A model version never changes once registered: copy, and keep the source's base name so a
+            # folder model `model/` appears as $AZUREML_MODEL_DIR/model/... as on Azure.
+            if src.is_dir():
+                shutil.copytree(src, staging / src.name)
+            else:
+                shutil.copy2(src, staging / src.name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging / src.name
+
+    def add_model(self, name: str, staged: Path, description: str, tags: dict, properties: dict,
+                  type_: str = "custom_model") -> dict[str, Any]:
+        """Record a staged copy (see copy_model) as the next version of `name`: a rename, quick."""
         with self._transaction():
             row = self.db.execute("SELECT MAX(version) AS v FROM models WHERE name=?", (name,)).fetchone()
             version = (row["v"] or 0) + 1
             target = self.home / "models" / name / str(version)
             if target.exists():  # left over from an interrupted registration
                 shutil.rmtree(target)
-            target.mkdir(parents=True)
-            # A model version never changes once registered: copy, and keep the source's base name so a
-            # folder model `model/` appears as $AZUREML_MODEL_DIR/model/... as on Azure.
-            if src.is_dir():
-                shutil.copytree(src, target / src.name)
-            else:
-                shutil.copy2(src, target / src.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged.parent.rename(target)
             self.db.execute(
                 "INSERT INTO models VALUES (?,?,?,?,?,?,?,?)",
-                (name, version, str(target / src.name), description, json.dumps(tags),
+                (name, version, str(target / staged.name), description, json.dumps(tags),
                  json.dumps(properties), type_, utcnow()))
         return self.get_model(name, version)
 
@@ -163,7 +183,6 @@ class Store:
         with self._transaction():
             self.db.execute("DELETE FROM deployments WHERE endpoint=?", (name,))
             self.db.execute("DELETE FROM endpoints WHERE name=?", (name,))
-        shutil.rmtree(self.home / "code" / name, ignore_errors=True)
 
     # deployments -----------------------------------------------------------------------------
     def create_deployment(self, endpoint: str, name: str, spec: dict, model_ref: str | None,
@@ -200,7 +219,11 @@ class Store:
 
     def delete_deployment(self, endpoint: str, name: str) -> None:
         self.db.execute("DELETE FROM deployments WHERE endpoint=? AND name=?", (endpoint, name))
-        shutil.rmtree(self.home / "code" / endpoint / name, ignore_errors=True)
+
+    def remove_code(self, endpoint: str, name: str | None = None) -> None:
+        """Remove the code snapshots of a deleted endpoint or deployment (no database access: any thread)."""
+        folder = self.home / "code" / endpoint
+        shutil.rmtree(folder / name if name else folder, ignore_errors=True)
 
     @staticmethod
     def _deployment_row(row: sqlite3.Row) -> dict[str, Any]:
@@ -210,7 +233,10 @@ class Store:
                 "created_at": row["created_at"], "updated_at": row["updated_at"]}
 
     def snapshot_code(self, endpoint: str, name: str, generation: int, code_path: str) -> str:
-        """Copy the deployment's code folder, as Azure snapshots it, so later edits change nothing live."""
+        """Copy the deployment's code folder, as Azure snapshots it, so later edits change nothing live.
+
+        No database access: the platform runs it in a worker thread, so a large folder never stalls requests.
+        """
         target = self.home / "code" / endpoint / name / str(generation)
         if target.exists():
             shutil.rmtree(target)
