@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-gates clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("saferollout needs Python 3.10 or newer") if sys.version_info < (3, 10) else None'
@@ -32,6 +32,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/gateway.py
+
+# The gates on simulated streams beside the peer (savvi), then 32 gated rollouts on the real platform (~70 min).
+bench-gates: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/gates.py
+	$(PY) bench/gate_rollouts.py
 
 clean:
 	rm -rf $(VENV) .saferollout runs .pytest_cache

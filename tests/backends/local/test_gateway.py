@@ -90,6 +90,19 @@ def test_weighted_routing_honours_the_90_10_split_end_to_end(split_run):
     assert result.pvalue > 0.001, f"split {observed} rejects 90/10 (p={result.pvalue:.4g})"
 
 
+def test_a_request_pinned_with_the_deployment_header_is_recorded_as_pinned(local_backend, gw):
+    start = time.time() - 1
+    pinned = local_backend.invoke(gw, {"x": 1}, deployment="green")
+    routed = local_backend.invoke(gw, {"x": 1})
+    samples = {s.request_id: s for s in local_backend.request_samples(gw, start=start, end=time.time() + 1)}
+    assert pinned.status == routed.status == 200
+    assert samples[pinned.request_id].pinned is True and samples[routed.request_id].pinned is False
+    # Azure Monitor counts pinned requests as any other: so do the platform's metrics
+    [series] = local_backend.query_metrics(gw, "RequestsPerMinute", aggregation="Total", grain="PT1M", start=start,
+                                           end=time.time() + 1, filter="deployment eq 'green'")
+    assert sum(p.value or 0 for p in series.points) >= 1
+
+
 def test_every_request_is_recorded_with_its_deployment_and_status(local_backend, gw, split_run):
     answers, start, end = split_run
     samples = local_backend.request_samples(gw, start=start, end=end)
@@ -97,7 +110,7 @@ def test_every_request_is_recorded_with_its_deployment_and_status(local_backend,
     recorded = [s for s in samples if s.request_id in ours]
     assert len(recorded) == 1_000
     assert Counter(s.deployment for s in recorded) == Counter(a.deployment for a in answers)
-    assert {s.status_code for s in recorded} == {200} and not any(s.mirrored for s in recorded)
+    assert {s.status_code for s in recorded} == {200} and not any(s.mirrored or s.pinned for s in recorded)
     [green] = local_backend.query_metrics(gw, "RequestsPerMinute", aggregation="Total", grain="PT1M",
                                           start=start, end=end, filter="deployment eq 'green'")
     assert sum(p.value or 0 for p in green.points) == Counter(a.deployment for a in answers)["green"]

@@ -23,7 +23,7 @@ from echo_platform import wait_for
 
 def requests_rows(n: int, prefix: str) -> list[tuple]:
     now = time.time()
-    return [(now, "ep", "blue", 200, 1.0, 0, f"{prefix}{i}", 200) for i in range(n)]
+    return [(now, "ep", "blue", 200, 1.0, 0, f"{prefix}{i}", 200, 0) for i in range(n)]
 
 
 def record(log: RequestLog, rows: list[tuple]) -> None:
@@ -134,3 +134,23 @@ def test_a_platform_that_cannot_start_fails_the_waiting_client_at_once_with_its_
                                            r"DatabaseError: file is not a database \(see .*platform\.log\)"):
         start_platform(home, timeout=60)
     assert time.monotonic() - started < 15
+
+
+def test_a_log_written_before_pinned_requests_gets_the_column_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "metrics.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE requests (ts REAL NOT NULL, endpoint TEXT NOT NULL, deployment TEXT NOT NULL, "
+                "status INTEGER NOT NULL, latency_ms REAL NOT NULL, mirrored INTEGER NOT NULL, "
+                "request_id TEXT NOT NULL, model_status INTEGER)")
+    old.execute("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?)", (time.time(), "ep", "blue", 200, 1.0, 0, "old", 200))
+    old.commit()
+    old.close()
+    log = RequestLog(path)
+    try:
+        record(log, [(time.time(), "ep", "blue", 200, 1.0, 0, "new", 200, 1)])
+        rows = {row[6]: row for row in log.rows("ep", 0, time.time() + 60)}
+        assert rows["old"][8] == 0 and rows["new"][8] == 1  # older rows count as routed, new ones say pinned
+    finally:
+        log.close()
