@@ -166,9 +166,10 @@ def compare_gates(s: Stream) -> list[tuple[str, float]]:
     seen = s.ts <= at
     rc, prod = seen & s.rc, seen & ~s.rc
     errors = compare_errors(int(rc.sum()), int((rc & s.error).sum()), int(prod.sum()), int((prod & s.error).sum()),
-                            margin_points=COMPARE.margin, alpha=COMPARE.alpha)[0]
-    latency = compare_latency(s.ms[rc & ~s.error], s.ms[prod & ~s.error], quantile=COMPARE_LATENCY.quantile,
-                              max_ratio=COMPARE_LATENCY.max_ratio, alpha=COMPARE_LATENCY.alpha)[0]
+                            tolerance_points=COMPARE.tolerance, alpha=COMPARE.alpha)[0]
+    warm = seen & ~s.error & (s.ts >= COMPARE_LATENCY.warmup_s)
+    latency = compare_latency(s.ms[warm & s.rc], s.ms[warm & ~s.rc], quantile=COMPARE_LATENCY.quantile,
+                              tolerance_ratio=COMPARE_LATENCY.tolerance, alpha=COMPARE_LATENCY.alpha)[0]
     return [(errors, at), (latency, at)]
 
 

@@ -100,15 +100,16 @@ def test_roc_legend_states_the_auc():
     assert "AUC 0.750" in fig.axes[0].get_legend().get_texts()[0].get_text()
 
 
-def test_limits_come_from_the_gates_evidence_and_the_tightest_wins():
-    verdicts = [
-        {"evidence": {"allowed_ms": 120.0, "latency_ms": {"rc": 50, "prod": 40}}},  # sequential latency
-        {"evidence": {"max_ratio": 1.2, "latency_ms": {"rc": 50, "prod": 90.0}}},  # compare latency
-        {"evidence": {"margin_points": 3.0, "prod_rate_lower": 0.01}},  # sequential errors
-        {"evidence": {"margin_points": 2.0, "error_rate": {"rc": 0.0, "prod": 0.0}}},  # compare errors
-        {"evidence": {"agreement": 0.9}},
+def test_limits_are_the_gates_tolerances_and_the_tightest_wins():
+    verdicts = [  # what each gate tolerates, from its evidence
+        {"evidence": {"tolerance_ratio": 1.2, "tolerance_ms": 2.0, "latency_ms": {"rc": 50, "prod": 40.0}}},  # 50 ms
+        {"evidence": {"tolerance_ratio": 1.2, "latency_ms": {"rc": 50, "prod": 90.0}}},  # compare latency: 108 ms
+        {"evidence": {"tolerance_ratio": 1.5, "tolerance_points": 0.5, "error_rate": {"rc": 0.0, "prod": 0.01}}},
+        {"evidence": {"tolerance_points": 2.0, "tolerance_ratio": 1.0, "error_rate": {"rc": 0.0, "prod": 0.0}}},
+        {"evidence": {"agreement": 0.9, "allowed_ms": 10.0}},  # no tolerance: not a limit
     ]
-    assert plots.limits_from_verdicts(verdicts) == {"latency_threshold_ms": 108.0, "error_rate_limit": 0.02}
+    limits = plots.limits_from_verdicts(verdicts)
+    assert limits["latency_threshold_ms"] == pytest.approx(50.0) and limits["error_rate_limit"] == pytest.approx(0.02)
     assert plots.limits_from_verdicts([]) == {"latency_threshold_ms": None, "error_rate_limit": None}
 
 

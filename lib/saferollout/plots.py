@@ -114,23 +114,21 @@ def _colours(names: Iterable[str]) -> dict[str, Any]:
 
 
 def limits_from_verdicts(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
-    """The limits the gates applied, from their evidence, for the dashboard: the RC latency allowed (ms,
-    the tightest of the latency gates) and the RC error rate allowed (a fraction, the tightest too)."""
+    """The limits the gates applied, from their evidence, for the dashboard: the RC latency the gates
+    tolerate (ms, the tightest of the latency gates: tolerance x PROD's quantile + tolerance_ms) and the
+    RC error rate they tolerate (a fraction, the tightest too: tolerance_ratio x PROD's + tolerance points)."""
     latency: list[float] = []
     error_rate: list[float] = []
     for verdict in verdicts:
         ev = verdict.get("evidence") or {}
-        prod_ms = (ev.get("latency_ms") or {}).get("prod") if isinstance(ev.get("latency_ms"), Mapping) else None
-        if isinstance(ev.get("allowed_ms"), (int, float)):
-            latency.append(float(ev["allowed_ms"]))
-        elif isinstance(ev.get("max_ratio"), (int, float)) and isinstance(prod_ms, (int, float)):
-            latency.append(float(ev["max_ratio"]) * prod_ms)
-        if isinstance(ev.get("margin_points"), (int, float)):
-            base = ev.get("prod_rate_lower")
-            if not isinstance(base, (int, float)) and isinstance(ev.get("error_rate"), Mapping):
-                base = ev["error_rate"].get("prod")
-            if isinstance(base, (int, float)):
-                error_rate.append(float(base) + float(ev["margin_points"]) / 100.0)
+        ratio = ev.get("tolerance_ratio")
+        if not isinstance(ratio, (int, float)):
+            continue
+        if isinstance(ev.get("latency_ms"), Mapping) and isinstance(ev["latency_ms"].get("prod"), (int, float)):
+            latency.append(float(ratio) * float(ev["latency_ms"]["prod"]) + float(ev.get("tolerance_ms") or 0.0))
+        elif isinstance(ev.get("error_rate"), Mapping) and isinstance(ev["error_rate"].get("prod"), (int, float)):
+            error_rate.append(float(ratio) * float(ev["error_rate"]["prod"])
+                              + float(ev.get("tolerance_points") or 0.0) / 100.0)
     return {"latency_threshold_ms": min(latency) if latency else None,
             "error_rate_limit": min(error_rate) if error_rate else None}
 

@@ -15,7 +15,7 @@ def backend(rc_error_rate=0.005, rc_latency=None, rc_n=300, prod_n=2700, **kwarg
 
 
 def test_fisher_exact_when_no_degradation_is_allowed():
-    decision, reason, evidence = compare_errors(200, 12, 1800, 9, margin_points=0, alpha=0.01)
+    decision, reason, evidence = compare_errors(200, 12, 1800, 9, tolerance_points=0, alpha=0.01)
     expected = stats.fisher_exact([[12, 188], [9, 1791]], alternative="greater").pvalue
     assert decision == "fail" and evidence["test"] == "fisher_exact"
     assert evidence["p_value"] == pytest.approx(expected)
@@ -23,22 +23,22 @@ def test_fisher_exact_when_no_degradation_is_allowed():
 
 
 def test_two_proportion_test_shifted_by_the_margin():
-    decision, _, evidence = compare_errors(1000, 20, 9000, 90, margin_points=0.5, alpha=0.01)
+    decision, _, evidence = compare_errors(1000, 20, 9000, 90, tolerance_points=0.5, alpha=0.01)
     z = (0.02 - 0.01 - 0.005) / np.sqrt(0.02 * 0.98 / 1000 + 0.01 * 0.99 / 9000)
     assert decision == "pass" and evidence["p_value"] == pytest.approx(stats.norm.sf(z))
 
 
 def test_as_good_as_prod_passes():
-    decision, reason, _ = compare_errors(300, 1, 2700, 14, margin_points=0.5, alpha=0.01)
+    decision, reason, _ = compare_errors(300, 1, 2700, 14, tolerance_points=0.5, alpha=0.01)
     assert decision == "pass" and "no significant degradation beyond +0.5 points" in reason
 
 
 def test_latency_fails_only_when_the_ratio_and_the_u_test_agree():
     rng = np.random.default_rng(0)
     prod = rng.lognormal(4, 0.4, 2000)
-    assert compare_latency(prod[:300] * 1.5, prod, quantile=0.9, max_ratio=1.2, alpha=0.01)[0] == "fail"
-    decision, reason, evidence = compare_latency(prod[:300] * 1.1, prod, quantile=0.9, max_ratio=1.2, alpha=0.01)
-    assert decision == "pass" and reason.endswith("within the allowed ratio")
+    assert compare_latency(prod[:300] * 1.5, prod, quantile=0.9, tolerance_ratio=1.2, alpha=0.01)[0] == "fail"
+    decision, reason, evidence = compare_latency(prod[:300] * 1.1, prod, quantile=0.9, tolerance_ratio=1.2, alpha=0.01)
+    assert decision == "pass" and reason.endswith("within the tolerance")
     assert evidence["p_value"] < 0.01  # slower, significantly, but within the allowed degradation
 
 
@@ -82,5 +82,23 @@ def test_false_rollback_of_the_fixed_sample_test_stays_below_alpha():
     rng = np.random.default_rng(5)
     runs, alpha = 2000, 0.01
     fails = sum(compare_errors(200, int(rng.binomial(200, 0.01)), 1800, int(rng.binomial(1800, 0.01)),
-                               margin_points=0.5, alpha=alpha)[0] == "fail" for _ in range(runs))
+                               tolerance_points=0.5, alpha=alpha)[0] == "fail" for _ in range(runs))
     assert fails / runs <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / runs)
+
+
+def test_the_former_names_of_the_tolerance_are_refused_with_the_new_name():
+    from saferollout.errors import SpecError
+    from saferollout.gates.registry import build_gates
+
+    with pytest.raises(SpecError, match=r"gate 'old' \(compare\): max_ratio is now tolerance"):
+        build_gates([{"kind": "compare", "name": "old", "metric": "latency", "max_ratio": 1.3}])
+    with pytest.raises(SpecError, match="margin is now tolerance"):
+        build_gates([{"kind": "compare", "metric": "errors", "margin": 1}])
+
+
+def test_compare_latency_leaves_the_warm_up_out(context):
+    """The RC 3x slower in its first 20 s only: the default 20 s warm-up keeps it from failing."""
+    rows = stream("blue", 3600, T0, T0 + 200, seed=1) + stream("green", 400, T0, T0 + 200, seed=2)
+    rows = [(*r[:4], r[4] * 3 if r[2] == "green" and r[0] < T0 + 20 else r[4], *r[5:]) for r in rows]
+    assert CompareGate(metric="latency", warmup_s=0).check(context(FakeBackend(rows), 200)).decision == "fail"
+    assert CompareGate(metric="latency").check(context(FakeBackend(rows), 200)).decision == "pass"

@@ -2,12 +2,14 @@
 
 It waits until both deployments have `min_samples`, then decides at that look (a fixed-horizon test
 looked at once keeps its error rate; looking again and again would not, which is what the sequential
-gate is for). "As good as PROD" passes: it fails only on significant harm beyond the allowed degradation.
+gate is for). "As good as PROD" passes: it fails only on significant harm beyond the `tolerance`, the
+worst RC the user still accepts.
 
-errors  one-sided test of H0: p_rc - p_prod <= margin (points): Fisher's exact test when the margin is
-        0, otherwise a two-proportion z-test with unpooled variance (Wald) shifted by the margin.
+errors  one-sided test of H0: p_rc - p_prod <= tolerance (points): Fisher's exact test when the tolerance
+        is 0, otherwise a two-proportion z-test with unpooled variance (Wald) shifted by the tolerance.
 latency Mann-Whitney U (RC slower than PROD, one-sided) and the quantile ratio RC/PROD: fail when the
-        ratio exceeds `max_ratio` and the U test is significant.
+        ratio exceeds the tolerance and the U test is significant. Requests in the first `warmup_s`
+        after the shift are left out (samples mode).
 mode: aggregates reads counts from RequestsPerMinute split by deployment and statusCodeClass, and the
 latency percentile per deployment, for backends without raw samples (Azure); there the latency check is
 the ratio of count-weighted per-interval percentiles, without a distribution test.
@@ -28,10 +30,10 @@ AGGREGATE_QUANTILES = {0.5: "RequestLatency_P50", 0.9: "RequestLatency_P90", 0.9
                        0.99: "RequestLatency_P99"}
 
 
-def compare_errors(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, margin_points: float,
+def compare_errors(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, tolerance_points: float,
                    alpha: float) -> tuple[str, str, dict[str, Any]]:
-    """One-sided test of RC error rate above PROD's + margin; pass unless significant."""
-    p_rc, p_prod, margin = x_rc / n_rc, x_prod / n_prod, margin_points / 100.0
+    """One-sided test of RC error rate above PROD's + tolerance; pass unless significant."""
+    p_rc, p_prod, margin = x_rc / n_rc, x_prod / n_prod, tolerance_points / 100.0
     if margin == 0:
         test = "fisher_exact"
         p_value = float(stats.fisher_exact([[x_rc, n_rc - x_rc], [x_prod, n_prod - x_prod]],
@@ -42,16 +44,16 @@ def compare_errors(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, margin_poi
         p_value = float(stats.norm.sf((p_rc - p_prod - margin) / se))
     evidence = {"n": {"rc": n_rc, "prod": n_prod}, "errors": {"rc": x_rc, "prod": x_prod},
                 "error_rate": {"rc": p_rc, "prod": p_prod}, "test": test, "p_value": p_value,
-                "alpha": alpha, "margin_points": margin_points}
+                "alpha": alpha, "tolerance_points": tolerance_points}
     rates = f"RC {p_rc:.2%} of {n_rc} vs PROD {p_prod:.2%} of {n_prod}"
     if p_value < alpha:
         return "fail", (f"error rate: {rates}; p = {p_value:.3g} < {alpha:g}: the RC is worse than PROD "
-                        f"+{margin_points:g} points"), evidence
+                        f"+{tolerance_points:g} points"), evidence
     return "pass", (f"error rate: {rates}; p = {p_value:.3g} >= {alpha:g}: no significant degradation beyond "
-                    f"+{margin_points:g} points"), evidence
+                    f"+{tolerance_points:g} points"), evidence
 
 
-def compare_latency(rc_ms, prod_ms, *, quantile: float, max_ratio: float,
+def compare_latency(rc_ms, prod_ms, *, quantile: float, tolerance_ratio: float,
                     alpha: float) -> tuple[str, str, dict[str, Any]]:
     """Mann-Whitney U (RC slower) and the quantile ratio; fail only when both say harm."""
     rc_ms, prod_ms = np.asarray(rc_ms, float), np.asarray(prod_ms, float)
@@ -60,12 +62,12 @@ def compare_latency(rc_ms, prod_ms, *, quantile: float, max_ratio: float,
     ratio = rc_q / prod_q if prod_q > 0 else math.inf
     label = f"p{quantile * 100:g}"
     evidence = {"n": {"rc": int(rc_ms.size), "prod": int(prod_ms.size)}, "quantile": quantile,
-                "latency_ms": {"rc": rc_q, "prod": prod_q}, "ratio": ratio, "max_ratio": max_ratio,
+                "latency_ms": {"rc": rc_q, "prod": prod_q}, "ratio": ratio, "tolerance_ratio": tolerance_ratio,
                 "test": "mann_whitney_u", "p_value": p_value, "alpha": alpha}
-    observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, max {max_ratio:g})"
-    if ratio > max_ratio and p_value < alpha:
+    observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, tolerance {tolerance_ratio:g})"
+    if ratio > tolerance_ratio and p_value < alpha:
         return "fail", f"latency {observed}; Mann-Whitney p = {p_value:.3g} < {alpha:g}: the RC is slower", evidence
-    why = "within the allowed ratio" if ratio <= max_ratio else f"not significantly slower (p = {p_value:.3g})"
+    why = "within the tolerance" if ratio <= tolerance_ratio else f"not significantly slower (p = {p_value:.3g})"
     return "pass", f"latency {observed}; {why}", evidence
 
 
@@ -75,17 +77,20 @@ class CompareGate(GateBase):
 
     metric: str = "errors"
     mode: str = "samples"
-    margin: float = 0.5  # errors: allowed degradation in percentage points
-    max_ratio: float = 1.2  # latency: allowed RC/PROD ratio of the quantile
+    tolerance: float | None = None  # errors: percentage points over PROD's (0.5); latency: RC/PROD ratio (1.2)
     quantile: float = 0.9
     alpha: float = 0.01
     min_samples: int = 200
     grain: str = "PT1M"  # aggregates mode: the interval of the metric queries
+    warmup_s: float = 20.0  # latency, samples mode: requests this soon after the window opens are left out
 
     kind = "compare"
     CHOICES = {"metric": ("errors", "latency"), "mode": ("samples", "aggregates")}
+    RENAMED = {"margin": "tolerance", "max_ratio": "tolerance"}
 
     def __post_init__(self) -> None:
+        if self.tolerance is None:
+            self.tolerance = 0.5 if self.metric == "errors" else 1.2
         self.name = self.name or f"{self.metric}-compare"
 
     @property
@@ -100,6 +105,12 @@ class CompareGate(GateBase):
             problems.append("alpha must be between 0 and 1")
         if self.min_samples < 1:
             problems.append("min_samples must be at least 1")
+        if self.metric == "latency" and self.tolerance < 1:
+            problems.append("tolerance for latency is a ratio of quantiles, at least 1 (e.g. 1.2)")
+        if self.metric == "errors" and not 0 <= self.tolerance < 100:
+            problems.append("tolerance for errors is in percentage points, between 0 and 100")
+        if self.warmup_s < 0:
+            problems.append("warmup_s must be at least 0")
         return problems
 
     def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
@@ -111,11 +122,13 @@ class CompareGate(GateBase):
         if self.metric == "errors":
             return compare_errors(len(rc_samples), sum(is_error(s.status_code) for s in rc_samples),
                                   len(prod_samples), sum(is_error(s.status_code) for s in prod_samples),
-                                  margin_points=self.margin, alpha=self.alpha)
-        rc_ms = [s.latency_ms for s in rc_samples if not is_error(s.status_code)]
-        prod_ms = [s.latency_ms for s in prod_samples if not is_error(s.status_code)]
+                                  tolerance_points=self.tolerance, alpha=self.alpha)
+        warm = ctx.start + self.warmup_s
+        rc_ms = [s.latency_ms for s in rc_samples if not is_error(s.status_code) and s.timestamp >= warm]
+        prod_ms = [s.latency_ms for s in prod_samples if not is_error(s.status_code) and s.timestamp >= warm]
         require_samples({ctx.rc: len(rc_ms), prod: len(prod_ms)}, self.min_samples)
-        return compare_latency(rc_ms, prod_ms, quantile=self.quantile, max_ratio=self.max_ratio, alpha=self.alpha)
+        return compare_latency(rc_ms, prod_ms, quantile=self.quantile, tolerance_ratio=self.tolerance,
+                               alpha=self.alpha)
 
     def _look_aggregates(self, ctx: GateContext, prod: str) -> tuple[str, str, dict[str, Any]]:
         counts = self._query_counts(ctx)  # {(deployment, class): count}
@@ -124,16 +137,16 @@ class CompareGate(GateBase):
         if self.metric == "errors":
             errors = {d: sum(v for (dep, cls), v in counts.items() if dep == d and cls != "2xx") for d in totals}
             decision, reason, evidence = compare_errors(totals[ctx.rc], errors[ctx.rc], totals[prod], errors[prod],
-                                                        margin_points=self.margin, alpha=self.alpha)
+                                                        tolerance_points=self.tolerance, alpha=self.alpha)
             return decision, reason, dict(evidence, mode="aggregates")
         rc_q, prod_q = (self._weighted_quantile(ctx, d) for d in (ctx.rc, prod))
         ratio = rc_q / prod_q if prod_q > 0 else math.inf
         label = f"p{self.quantile * 100:g}"
         evidence = {"mode": "aggregates", "n": totals, "latency_ms": {"rc": rc_q, "prod": prod_q},
-                    "ratio": ratio, "max_ratio": self.max_ratio, "metric": AGGREGATE_QUANTILES[self.quantile],
+                    "ratio": ratio, "tolerance_ratio": self.tolerance, "metric": AGGREGATE_QUANTILES[self.quantile],
                     "test": None}
-        observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, max {self.max_ratio:g})"
-        if ratio > self.max_ratio:
+        observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, tolerance {self.tolerance:g})"
+        if ratio > self.tolerance:
             return "fail", f"latency {observed}, from per-interval aggregates", evidence
         return "pass", f"latency {observed}, from per-interval aggregates", evidence
 

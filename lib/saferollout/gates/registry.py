@@ -90,6 +90,10 @@ def _build_one(entry: dict, defaults: dict, where: str) -> GateBase:
     fields = {f.name for f in dataclasses.fields(cls)}
     where = f"gate {entry['name']!r} ({kind})" if entry.get("name") else f"{where} ({kind})"
     unknown = sorted(set(entry) - fields - {"kind"})
+    renamed = {old: new for old, new in getattr(cls, "RENAMED", {}).items() if old in unknown}
+    if renamed:
+        detail = ", ".join(f"{old} is now {new}" for old, new in renamed.items())
+        raise SpecError(f"{where}: {detail} (the worst RC the user still accepts)")
     if unknown:
         raise SpecError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     settings = {k: v for k, v in defaults.items() if k in fields}
