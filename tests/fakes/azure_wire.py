@@ -183,8 +183,10 @@ class FakeAzureTransport(HttpTransport):
     def _azure_response(request: Any, wire: WireRequest, answer: WireResponse) -> Any:
         """azure-core's own response classes over a `requests.Response`, as RequestsTransport builds them."""
         headers = {"x-ms-request-id": "fake-" + os.urandom(8).hex(), **answer.headers}
-        raw = urllib3.response.HTTPResponse(body=io.BytesIO(answer.body), headers=headers, status=answer.status,
-                                            preload_content=False, decode_content=False)
+        body = b"" if wire.method == "HEAD" or answer.status in (204, 304) else answer.body  # HTTP: no body there
+        raw = urllib3.response.HTTPResponse(body=io.BytesIO(body), headers=headers, status=answer.status,
+                                            preload_content=False, decode_content=False,
+                                            request_method=wire.method)  # a HEAD has no body to read
         response = requests.adapters.HTTPAdapter().build_response(requests.PreparedRequest(), raw)
         response.url = wire.url
         if isinstance(request, LegacyHttpRequest):
