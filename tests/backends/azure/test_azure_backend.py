@@ -12,7 +12,7 @@ from azure.core.exceptions import HttpResponseError
 from fakes.azure_wire import arm_error
 from saferollout.backends.base import Backend
 from saferollout.data import to_request
-from saferollout.errors import BackendError, NotFound, SpecError
+from saferollout.errors import BackendError, Conflict, DeploymentFailed, NotFound, SpecError
 from saferollout.specs import EndpointSpec, load_deployment_spec
 
 TESTS = Path(__file__).resolve().parents[2]
@@ -137,3 +137,70 @@ def test_another_process_sees_the_same_fake_workspace(azure, fake, served, tmp_p
     [series] = azure.query_metrics(served, "RequestsPerMinute", aggregation="Total",
                                    filter="deployment eq 'blue' and statusCodeClass eq '4xx'")
     assert sum(p.value or 0 for p in series.points) == 1
+
+
+# ---- what the real SDK answers, read right (issue 9's findings) ---------------------------------
+
+def test_states_are_read_as_azure_names_them_so_a_succeeded_deployment_takes_traffic(azure, served):
+    # azure-ai-ml answers provisioning states as str-Enums; str() of one is 'DeploymentProvisioningState.SUCCEEDED'
+    assert azure.get_deployment(served, "blue").provisioning_state == "Succeeded"
+    assert azure.get_endpoint(served).provisioning_state == "Succeeded"
+    assert azure.get_endpoint(served).traffic == {"blue": 100}
+
+
+def test_a_deployment_whose_init_crashes_is_failed_with_the_operation_error(azure, served, example_dir):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="crash", endpoint_name=served)
+    spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
+    with pytest.raises(DeploymentFailed) as failed:
+        azure.create_deployment(spec)
+    message = str(failed.value)
+    assert "the operation failed: (ResourceOperationFailure)" in message and "init() crashes" in message
+    assert "HTTP 200" not in message
+    assert azure.get_deployment(served, "crash").provisioning_state == "Failed"
+    assert "init() failed" in failed.value.logs
+
+
+def test_mixed_case_deployment_names_are_azure_lower_case_names(azure, served, example_dir):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="Green", endpoint_name=served)
+    assert azure.create_deployment(spec).name == "green"
+    endpoint = azure.update_endpoint(served, traffic={"blue": 90, "Green": 10})
+    assert endpoint.traffic == {"blue": 90, "green": 10}
+    assert azure.update_endpoint(served, traffic={"blue": 100, "Green": 0}).traffic["blue"] == 100
+    azure.delete_deployment(served, "Green")
+    assert [d.name for d in azure.list_deployments(served)] == ["blue"]
+
+
+def test_an_operation_in_progress_is_a_conflict_to_retry_not_already_exists(azure, fake, served):
+    fake.transport.inject("PUT", r"/onlineEndpoints/ep-served\?", arm_error(
+        409, "Conflict", "There is an operation in progress on endpoint ep-served."))
+    with pytest.raises(Conflict) as raised:
+        azure.update_endpoint(served, tags={"a": "b"})
+    assert "operation in progress" in str(raised.value) and "wait for it to finish, then retry" in str(raised.value)
+    assert "already exists" not in str(raised.value)
+
+
+@pytest.mark.parametrize("status, code, kind, message", [
+    (401, "InvalidAuthenticationToken", BackendError, "Azure refused the credentials.*az login"),
+    (403, "AuthorizationFailed", BackendError, "HTTP 403.*AzureML Data Scientist"),
+    (404, "ResourceNotFound", NotFound, "endpoint 'ep-served' not found"),
+])
+def test_arm_refusals_reach_the_user_with_what_to_do(azure, fake, served, status, code, kind, message):
+    fake.transport.inject("GET", r"/onlineEndpoints/ep-served\?", arm_error(status, code, f"{code} says no."))
+    with pytest.raises(kind, match=message):
+        azure.get_endpoint(served)
+
+
+def test_throttling_that_outlasts_the_sdk_retries_says_wait_and_retry(azure, fake, served):
+    for _ in range(12):  # azure-core retries a 429 itself; only a lasting one reaches us
+        fake.transport.inject("GET", r"/onlineEndpoints/ep-served\?",
+                              arm_error(429, "TooManyRequests", "Too many requests.", **{"Retry-After": "0"}))
+    with pytest.raises(BackendError, match="throttled.*wait a minute and retry"):
+        azure.get_endpoint(served)
+
+
+def test_the_sdk_progress_dots_never_reach_stdout(azure, served, example_dir, capfd):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
+    capfd.readouterr()
+    azure.create_deployment(spec)
+    out, err = capfd.readouterr()
+    assert out == "" and "." in err  # the SDK's poller still shows its progress, on stderr
