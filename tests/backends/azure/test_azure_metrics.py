@@ -147,3 +147,27 @@ def test_a_grain_finer_than_a_minute_is_refused_before_azure_is_asked(azure, fak
     with pytest.raises(SpecError, match="Azure Monitor cannot serve grain 'PT5S'"):
         azure.query_metrics(served, "RequestsPerMinute", aggregation="Total", grain="PT5S")
     assert not fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")
+
+
+def test_memory_and_cpu_of_a_deployment_are_asked_of_its_own_resource(azure, fake, served, credit_split):
+    from saferollout.data import to_request
+
+    for _ in range(3):
+        assert azure.invoke(served, to_request(credit_split.X_test.head(5)), deployment="blue").status == 200
+    [memory] = azure.query_metrics(served, "CpuMemoryUtilizationPercentage", aggregation="Maximum",
+                                   filter="deployment eq 'blue'")
+    values = [p.value for p in memory.points if p.value is not None]
+    assert values and all(0 < v < 100 for v in values)
+    sent = fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")[-1]
+    assert sent.path.endswith("/onlineEndpoints/ep-served/deployments/blue/providers/Microsoft.Insights/metrics")
+    assert sent.query["metricnamespace"] == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"
+    [cpu] = azure.query_metrics(served, "CpuUtilizationPercentage", aggregation="Average",
+                                split_by=["deployment", "instanceId"])
+    assert cpu.dimensions["deployment"] == "blue" and cpu.dimensions["instanceId"].startswith("blue-")
+
+
+def test_a_deployment_metric_without_a_deployment_says_how_to_name_one(azure, served):
+    with pytest.raises(SpecError, match="name the deployment \\(filter \"deployment eq 'blue'\"\\)"):
+        azure.query_metrics(served, "CpuMemoryUtilizationPercentage", aggregation="Maximum")
+    with pytest.raises(SpecError, match="reported as Average, Minimum, Maximum"):
+        azure.query_metrics(served, "CpuUtilizationPercentage", aggregation="Total", filter="deployment eq 'blue'")

@@ -23,8 +23,8 @@ from saferollout.backends.azure.entities import (credentials_from_sdk, deploymen
                                                  model_from_sdk)
 from saferollout.backends.azure.errors import sdk_errors
 from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients, build_metrics_client
-from saferollout.backends.base import (Credentials, Deployment, Endpoint, InvokeResult, MetricSeries, Model,
-                                       Progress, RequestSample)
+from saferollout.backends.base import (DEPLOYMENT_METRIC_DIMENSIONS, Credentials, Deployment, Endpoint,
+                                       InvokeResult, MetricSeries, Model, Progress, RequestSample)
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, NotFound, SafeRolloutError,
                                SpecError)
 from saferollout.specs import (DeploymentSpec, EndpointSpec, parse_model_ref, parse_traffic, validate_mirror,
@@ -391,6 +391,13 @@ class AzureBackend:
         end = end or datetime.now(timezone.utc)
         start = start or end - DEFAULT_WINDOW
         resource_id = self.endpoint_resource_id(endpoint)
+        if metric in DEPLOYMENT_METRIC_DIMENSIONS:  # instance metrics live on each deployment's resource
+            names = [d.name for d in self.list_deployments(endpoint)]
+            with sdk_errors(f"metric {metric} of endpoint {endpoint!r}"):
+                series, self.last_metric_filters = azure_metrics.query_deployment_series(
+                    self.metrics_client, resource_id, names, metric, aggregation=aggregation, grain=grain,
+                    start=start, end=end, filter_text=filter, split_by=split_by)
+            return series
         with sdk_errors(f"metric {metric} of endpoint {endpoint!r}"):
             series, self.last_metric_filters = azure_metrics.query_series(
                 self.metrics_client, resource_id, metric, aggregation=aggregation, grain=grain, start=start,

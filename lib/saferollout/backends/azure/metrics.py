@@ -17,7 +17,7 @@ import math
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
-from saferollout.backends.base import METRIC_DIMENSIONS, MetricPoint, MetricSeries
+from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, MetricPoint, MetricSeries
 from saferollout.backends.local.metrics import (ALWAYS, BoolOp, Comparison, grain_seconds, parse_filter,
                                                 scope_of, validate_query)
 from saferollout.errors import BackendError, SpecError
@@ -209,3 +209,79 @@ def query_series(client: Any, resource_id: str, metric: str, *, aggregation: str
     for one in series:
         one.metric, one.aggregation, one.grain = metric, aggregation, grain
     return series, ran
+
+
+# ---- deployment (instance) metrics -------------------------------------------------------------
+
+DEPLOYMENT_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"
+INSTANCE_AGGREGATIONS = ("Average", "Minimum", "Maximum")
+
+
+def _deployments_named(node: Any) -> list[str]:
+    if isinstance(node, Comparison) and node.dimension == "deployment":
+        if node.op != "eq" or node.value == "*":
+            raise SpecError("a deployment metric names its deployments with `deployment eq '<name>'` "
+                            f"(or splits by deployment), not `deployment {node.op} '{node.value}'`")
+        return [node.value]
+    if isinstance(node, BoolOp):
+        return _deployments_named(node.left) + _deployments_named(node.right)
+    return []
+
+
+def _without_deployment(node: Any) -> Any:
+    """The filter Azure gets on one deployment's resource: the deployment comparisons are the resource."""
+    if isinstance(node, Comparison):
+        return ALWAYS if node.dimension == "deployment" else node
+    if isinstance(node, BoolOp):
+        left, right = _without_deployment(node.left), _without_deployment(node.right)
+        if left is ALWAYS:
+            return right
+        if right is ALWAYS:
+            return left
+        return BoolOp(node.op, left, right)
+    return node
+
+
+def query_deployment_series(client: Any, endpoint_id: str, all_deployments: Sequence[str], metric: str, *,
+                            aggregation: str, grain: str, start: datetime, end: datetime,
+                            filter_text: str | None, split_by: Iterable[str]) -> tuple[list[MetricSeries], list[str]]:
+    """An instance metric (CPU, memory...) of the deployments the filter names, one query per deployment
+    on its own ARM id. -> (series, the Azure filters that were run)."""
+    dims = DEPLOYMENT_METRIC_DIMENSIONS[metric]
+    if aggregation not in INSTANCE_AGGREGATIONS:
+        raise SpecError(f"{metric} is reported as {', '.join(INSTANCE_AGGREGATIONS)}; got aggregation {aggregation!r}")
+    canonical = {d.lower(): d for d in dims}
+    split = []
+    for name in split_by:
+        if name.lower() not in canonical:
+            raise SpecError(f"cannot split {metric} by {name!r}: its dimensions are {', '.join(dims)}")
+        split.append(canonical[name.lower()])
+    node = parse_filter(filter_text, dims)
+    named = _deployments_named(node)
+    deployments = named or ([] if "deployment" not in split else list(all_deployments))
+    if not deployments:
+        raise SpecError(f"{metric} is a deployment metric: name the deployment (filter \"deployment eq 'blue'\") "
+                        "or split by deployment")
+    if len(deployments) > 1 and "deployment" not in split:
+        raise SpecError(f"{metric} of several deployments: split by deployment, or name one")
+    known = {d.lower(): d for d in all_deployments}
+    rest = render(_without_deployment(node)) or None
+    azure_split = [d for d in split if d != "deployment"]
+    clauses = ([f"({rest})" if " or " in (rest or "") and azure_split else rest] if rest else []) + \
+        [f"{d} eq '*'" for d in azure_split]
+    azure_filter = " and ".join(clauses) or None
+    stamps = timeline(start, end, grain)
+    series: list[MetricSeries] = []
+    for name in deployments:
+        if name.lower() not in known:
+            raise SpecError(f"deployment {name!r} not found on this endpoint: it has {', '.join(sorted(known.values()))}")
+        resource = f"{endpoint_id}/deployments/{known[name.lower()]}"
+        result = query(client, resource, metric, aggregation, grain, start, end, azure_filter, DEPLOYMENT_NAMESPACE)
+        found = to_series(result, metric, aggregation, grain, azure_split)
+        found = align(found, stamps, None, bool(azure_split))
+        for one in found:
+            one.metric, one.aggregation, one.grain = metric, aggregation, grain
+            if "deployment" in split:
+                one.dimensions = {"deployment": known[name.lower()], **one.dimensions}
+        series.extend(found)
+    return series, [azure_filter or ""]
