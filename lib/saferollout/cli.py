@@ -51,7 +51,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from saferollout.backends.base import AGGREGATIONS, METRIC_NAMES
+from saferollout.backends.base import AGGREGATIONS, DEPLOYMENT_METRIC_DIMENSIONS, METRIC_NAMES
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, SafeRolloutError, SpecError,
                                 UsageError)
 from saferollout.output import OUTPUT_FORMATS, compile_query, emit
@@ -791,7 +791,7 @@ def metrics_query(args: argparse.Namespace, backend: Callable[[], Any]) -> int:
     series: list[Any] = []
     aggregation = _canonical(args.aggregation, AGGREGATIONS)
     for metric in args.metrics:
-        series.extend(platform.query_metrics(args.endpoint_name, _canonical(metric, METRIC_NAMES),
+        series.extend(platform.query_metrics(args.endpoint_name, _canonical(metric, (*METRIC_NAMES, *DEPLOYMENT_METRIC_DIMENSIONS)),
                                              aggregation=aggregation,
                                              grain=args.grain, start=start, end=end, filter=args.filter,
                                              split_by=args.split_by))

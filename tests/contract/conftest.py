@@ -1,5 +1,6 @@
 """The contract suite's backends: every test here runs on `local` (the real platform of the session) and on
-`azure` (AzureBackend over the fake SDK in tests/fakes). Both must behave the same through the protocol.
+`azure` (AzureBackend with the real azure-ai-ml and azure-monitor-query clients over the wire fake in
+tests/fakes). Both must behave the same through the protocol.
 
 Deployments are the expensive part on the local platform (an azmlinfsrv process each), so one endpoint
 with three deployments is shared by the tests that leave it as they found it:
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.azure_ml import fake_clients
+from fakes.azure_wire import fake_clients
 from saferollout.backends.azure import AzureBackend
 from saferollout.backends.base import Backend
 from saferollout.errors import NotFound

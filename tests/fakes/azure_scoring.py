@@ -108,6 +108,16 @@ class ScoringRuntime:
         return 200, (answer if isinstance(answer, bytes) else json.dumps(answer).encode()), elapsed_ms
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory (the 'container' is this process in the fake)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _response(status: int, body: bytes, headers: dict[str, str], url: str) -> requests.Response:
     response = requests.Response()
     response.status_code = status
@@ -153,6 +163,7 @@ class FakeScoringSession:
         deployments = snapshot["deployments"].get(endpoint, {})
         pinned = headers.get(DEPLOYMENT_HEADER)
         if pinned:
+            pinned = next((name for name in deployments if name.lower() == pinned.lower()), pinned)
             if pinned not in deployments:
                 return _response(404, json.dumps({"message": f"deployment {pinned!r} not found on endpoint "
                                                              f"{endpoint!r}"}).encode(), ids, url)
@@ -202,7 +213,12 @@ class FakeScoringSession:
             status, payload, model_status, latency_ms = 424, json.dumps(
                 {"message": f"deployment {deployment['name']!r} failed and cannot serve requests"}).encode(), None, 0.0
         else:
+            cpu_started = time.thread_time()
             model_status, payload, latency_ms = self.runtime.run(endpoint, deployment, body)
+            self.state.record_usage({"ts": arrival, "endpoint": endpoint, "deployment": deployment["name"],
+                                     "instance": f"{deployment['name']}-{deployment['uid'][:6]}-0",
+                                     "cpu_s": time.thread_time() - cpu_started, "rss": _rss_bytes(),
+                                     "total_memory": _total_memory()})
             status = 200 if model_status == 200 else 424
             if status != 200:
                 headers["ms-azureml-model-error-statuscode"] = str(model_status)

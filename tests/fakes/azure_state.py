@@ -1,4 +1,4 @@
-"""The fake Azure ML workspace's state: JSON in a directory, shared by every process that points at it.
+"""The fake Azure workspace's state: JSON in a directory, shared by every process that points at it.
 
 Notebook kernels started by the runbook are separate processes, so the fake keeps its state on disk
 (`state.json`, guarded by an advisory file lock) and its per-request log in `requests.jsonl`; the
@@ -17,26 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
-
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "rg-saferollout-fake"
 WORKSPACE = "ws-saferollout-fake"
 REGION = "westeurope"
 MAX_MIRROR = 50
-
-
-def bad_request(message: str, code: str = "BadArgument") -> HttpResponseError:
-    """A 400 as Azure ML sends it: `(Code) message`."""
-    error = HttpResponseError(message=f"({code}) {message}")
-    error.status_code = 400
-    return error
-
-
-def not_found(message: str) -> ResourceNotFoundError:
-    error = ResourceNotFoundError(message=f"(ResourceNotFound) {message}")
-    error.status_code = 404
-    return error
 
 
 def new_key() -> str:
@@ -54,7 +39,8 @@ class FakeWorkspaceState:
         self.requests_path = self.root / "requests.jsonl"
         if not self.path.exists():
             with self.transaction() as state:
-                state.update({"models": {}, "endpoints": {}, "deployments": {}, "tokens": {}})
+                state.update({"models": {}, "endpoints": {}, "deployments": {}, "tokens": {}, "codes": {},
+                              "environments": {}, "operations": {}})
 
     @contextmanager
     def transaction(self) -> Iterator[dict[str, Any]]:
@@ -136,6 +122,24 @@ class FakeWorkspaceState:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def record_usage(self, row: dict[str, Any]) -> None:
+        """What a serving process measured for one request (CPU seconds, memory), for instance metrics."""
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(self.root / "usage.jsonl", "a") as log:
+                    log.write(json.dumps(row) + "\n")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def usage_rows(self, endpoint: str, deployment: str, start: float, end: float) -> list[dict[str, Any]]:
+        path = self.root / "usage.jsonl"
+        if not path.exists():
+            return []
+        rows = (json.loads(line) for line in path.read_text().splitlines())
+        return [r for r in rows if r["endpoint"] == endpoint and r["deployment"] == deployment
+                and start <= r["ts"] < end]
+
     def request_rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
         if not self.requests_path.exists():
             return []
@@ -145,22 +149,3 @@ class FakeWorkspaceState:
             if row[1] == endpoint and start <= row[0] < end:
                 rows.append(row)
         return rows
-
-
-def check_traffic_rules(traffic: dict[str, int], mirror: dict[str, int], deployments: set[str]) -> None:
-    """Azure's rules, with Azure-style messages: the fake refuses what the service refuses."""
-    for name in traffic:
-        if name not in deployments:
-            raise bad_request(f"Traffic rule refers to deployment '{name}', which does not exist on this endpoint.")
-    total = sum(traffic.values())
-    if traffic and total not in (0, 100):
-        raise bad_request(f"Traffic values must sum to 0 or 100, got {total}.")
-    if len(mirror) > 1:
-        raise bad_request("Mirror traffic can only be set to a single deployment.")
-    for name, percent in mirror.items():
-        if name not in deployments:
-            raise bad_request(f"Mirror traffic refers to deployment '{name}', which does not exist on this endpoint.")
-        if percent > MAX_MIRROR:
-            raise bad_request(f"Mirror traffic for '{name}' is {percent}%: at most {MAX_MIRROR}% is allowed.")
-        if traffic.get(name, 0) > 0:
-            raise bad_request(f"Deployment '{name}' cannot receive both live and mirror traffic.")

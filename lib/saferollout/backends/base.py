@@ -29,6 +29,18 @@ METRIC_DIMENSIONS = {
     "RequestLatency_P95": ("deployment",),
     "RequestLatency_P99": ("deployment",),
 }
+# Instance metrics Azure Monitor publishes on each deployment (namespace
+# Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments), by their REST API names; a query
+# names its deployment with `deployment eq '<name>'` in the filter (or splits by `deployment`).
+DEPLOYMENT_METRIC_DIMENSIONS = {
+    "CpuUtilizationPercentage": ("deployment", "instanceId"),
+    "CpuMemoryUtilizationPercentage": ("deployment", "instanceId"),
+    "DiskUtilization": ("deployment", "instanceId", "disk"),
+    "GpuUtilizationPercentage": ("deployment", "instanceId"),
+    "GpuMemoryUtilizationPercentage": ("deployment", "instanceId"),
+    "GpuEnergyJoules": ("deployment", "instanceId"),
+    "DeploymentCapacity": ("deployment", "instanceId", "State"),
+}
 AGGREGATIONS = ("Average", "Minimum", "Maximum", "Total", "Count")
 
 Progress = Callable[[str], None]

@@ -1,24 +1,23 @@
-"""Fixtures for the Azure backend's own tests: a fresh fake workspace per test (cheap: no processes)."""
+"""Fixtures for the Azure backend's own tests: the real SDK clients over a fresh wire fake per test."""
 from __future__ import annotations
 
 import pytest
 
-from fakes.azure_ml import fake_clients
+from fakes.azure_wire import FakeAzure, fake_azure
 from saferollout.backends.azure import AzureBackend
 from saferollout.specs import load_deployment_spec, load_endpoint_spec
 
 
 @pytest.fixture
-def fake(tmp_path):
-    """(ml_client, metrics_client, http_session) of a fresh fake workspace."""
-    return fake_clients(tmp_path / "workspace")
+def fake(tmp_path) -> FakeAzure:
+    """A fresh fake workspace: its state, the transport (what was sent) and the real clients over it."""
+    return fake_azure(tmp_path / "workspace")
 
 
 @pytest.fixture
 def azure(fake) -> AzureBackend:
-    ml_client, metrics_client, session = fake
-    return AzureBackend(ml_client=ml_client, metrics_client=metrics_client, http_session=session,
-                        poll_interval_s=0.01)
+    return AzureBackend(ml_client=fake.ml_client, metrics_client=fake.metrics_client,
+                        http_session=fake.http_session, poll_interval_s=0.01)
 
 
 @pytest.fixture

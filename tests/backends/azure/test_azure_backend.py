@@ -1,5 +1,6 @@
-"""AzureBackend over the fake SDK: what only the Azure backend does (or must never do)."""
+"""AzureBackend over the real SDK on the wire fake: what only the Azure backend does (or must never do)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import HttpResponseError
 
+from fakes.azure_wire import arm_error
 from saferollout.backends.base import Backend
 from saferollout.data import to_request
-from saferollout.errors import BackendError, NotFound, SpecError
+from saferollout.errors import BackendError, Conflict, DeploymentFailed, NotFound, SpecError
 from saferollout.specs import EndpointSpec, load_deployment_spec
 
 TESTS = Path(__file__).resolve().parents[2]
@@ -28,11 +30,11 @@ def test_raw_samples_are_refused_with_what_to_use_instead(azure, served):
 
 def test_metrics_are_asked_of_the_endpoint_arm_resource_in_the_endpoint_namespace(azure, fake, served):
     azure.query_metrics(served, "RequestLatency_P90", filter="deployment eq 'blue'")
-    query = fake[1].queries[-1]
-    assert query["resource_uri"].endswith(
-        "/providers/Microsoft.MachineLearningServices/workspaces/ws-saferollout-fake/onlineEndpoints/ep-served")
-    assert query["metric_namespace"] == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
-    assert query["filter"] == "deployment eq 'blue'"
+    query = fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")[-1]
+    assert query.path.endswith("/providers/Microsoft.MachineLearningServices/workspaces/ws-saferollout-fake/"
+                               "onlineEndpoints/ep-served/providers/Microsoft.Insights/metrics")
+    assert query.query["metricnamespace"] == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+    assert query.query["$filter"] == "deployment eq 'blue'"
     assert azure.last_metric_filters == ["deployment eq 'blue'"]
 
 
@@ -48,7 +50,8 @@ def test_a_local_model_path_is_uploaded_as_an_anonymous_model(azure, served, cre
     spec = load_deployment_spec(example_dir / "deployment.yml", name="local", endpoint_name=served,
                                 model=str(credit_model_dir))
     deployment = azure.create_deployment(spec)
-    assert deployment.model.startswith(f"azureml:{served}-local-anonymous:")
+    # the SDK uploads the folder and registers it as an anonymous model named by its content hash
+    assert re.fullmatch(r"azureml:[0-9a-f]{64}:1", deployment.model)
     body = to_request(credit_split.X_test.head(1))
     assert azure.invoke(served, body, deployment="local").status == 200
 
@@ -75,8 +78,8 @@ def test_keys_never_leave_through_results_errors_or_repr(azure, served):
 
 def test_invoke_posts_to_the_scoring_uri_and_never_uses_the_sdk_invoke(azure, fake, served):
     body = {"data": [{"age": 1}]}
-    azure.invoke(served, body, deployment="blue")
-    assert not any(call.startswith("invoke") for call in fake[0].online_endpoints.calls)
+    assert azure.invoke(served, body, deployment="blue").deployment == "blue"
+    assert not fake.transport.sent("POST", r"inference\.ml\.azure\.com")  # the SDK's invoke would go this way
 
 
 def test_an_unreachable_scoring_uri_is_a_backend_error(azure, served, monkeypatch):
@@ -87,27 +90,23 @@ def test_an_unreachable_scoring_uri_is_a_backend_error(azure, served, monkeypatc
 
 def test_the_fake_service_enforces_azure_rules_too(fake, served):
     """Even a client that skipped our checks is refused by the (fake) service, with Azure's 400."""
-    ml_client = fake[0]
+    ml_client = fake.ml_client
     endpoint = ml_client.online_endpoints.get(served)
     endpoint.traffic = {"blue": 60}
     with pytest.raises(HttpResponseError, match="must sum to 0 or 100"):
-        ml_client.online_endpoints.begin_create_or_update(endpoint)
+        ml_client.online_endpoints.begin_create_or_update(endpoint).result()
     endpoint.traffic, endpoint.mirror_traffic = {"blue": 100}, {"blue": 10}
     with pytest.raises(HttpResponseError, match="cannot receive both live and mirror traffic"):
-        ml_client.online_endpoints.begin_create_or_update(endpoint)
+        ml_client.online_endpoints.begin_create_or_update(endpoint).result()
     with pytest.raises(HttpResponseError, match="has 100% traffic and cannot be deleted"):
-        ml_client.online_deployments.begin_delete(name="blue", endpoint_name=served)
+        ml_client.online_deployments.begin_delete(name="blue", endpoint_name=served).result()
     assert ml_client.online_endpoints.get(served).traffic == {"blue": 100}
 
 
 def test_a_service_side_refusal_reaches_the_user_as_a_spec_error(azure, fake, served, monkeypatch):
     # the service refuses something our own checks let through (e.g. a rule Azure adds later)
-    def refuse(endpoint):
-        error = HttpResponseError(message="(BadArgument) A new Azure rule refused this traffic.")
-        error.status_code = 400
-        raise error
-
-    monkeypatch.setattr(fake[0].online_endpoints, "begin_create_or_update", refuse)
+    fake.transport.inject("PUT", r"/onlineEndpoints/ep-served\?",
+                          arm_error(400, "BadArgument", "A new Azure rule refused this traffic."))
     with pytest.raises(SpecError, match="Azure rejected the request on update endpoint 'ep-served': "
                                         "\\(BadArgument\\) A new Azure rule"):
         azure.update_endpoint(served, tags={"a": "b"})
@@ -124,8 +123,8 @@ def test_token_endpoint_invocations_use_a_fresh_token(azure, credit_model_dir, e
 def test_another_process_sees_the_same_fake_workspace(azure, fake, served, tmp_path):
     """Notebook kernels are other processes: the factory named in the environment reaches the same state."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               SAFEROLLOUT_AZURE_CLIENT_FACTORY="fakes.azure_ml:client_factory",
-               SAFEROLLOUT_AZURE_FAKE_DIR=str(fake[0].state.root))
+               SAFEROLLOUT_AZURE_CLIENT_FACTORY="fakes.azure_wire:client_factory",
+               SAFEROLLOUT_AZURE_FAKE_DIR=str(fake.state.root))
     script = ("from saferollout.backends import get_backend\n"
               "be = get_backend('azure')\n"
               "print(be.get_endpoint('ep-served').traffic)\n"
@@ -138,3 +137,70 @@ def test_another_process_sees_the_same_fake_workspace(azure, fake, served, tmp_p
     [series] = azure.query_metrics(served, "RequestsPerMinute", aggregation="Total",
                                    filter="deployment eq 'blue' and statusCodeClass eq '4xx'")
     assert sum(p.value or 0 for p in series.points) == 1
+
+
+# ---- what the real SDK answers, read right (issue 9's findings) ---------------------------------
+
+def test_states_are_read_as_azure_names_them_so_a_succeeded_deployment_takes_traffic(azure, served):
+    # azure-ai-ml answers provisioning states as str-Enums; str() of one is 'DeploymentProvisioningState.SUCCEEDED'
+    assert azure.get_deployment(served, "blue").provisioning_state == "Succeeded"
+    assert azure.get_endpoint(served).provisioning_state == "Succeeded"
+    assert azure.get_endpoint(served).traffic == {"blue": 100}
+
+
+def test_a_deployment_whose_init_crashes_is_failed_with_the_operation_error(azure, served, example_dir):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="crash", endpoint_name=served)
+    spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
+    with pytest.raises(DeploymentFailed) as failed:
+        azure.create_deployment(spec)
+    message = str(failed.value)
+    assert "the operation failed: (ResourceOperationFailure)" in message and "init() crashes" in message
+    assert "HTTP 200" not in message
+    assert azure.get_deployment(served, "crash").provisioning_state == "Failed"
+    assert "init() failed" in failed.value.logs
+
+
+def test_mixed_case_deployment_names_are_azure_lower_case_names(azure, served, example_dir):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="Green", endpoint_name=served)
+    assert azure.create_deployment(spec).name == "green"
+    endpoint = azure.update_endpoint(served, traffic={"blue": 90, "Green": 10})
+    assert endpoint.traffic == {"blue": 90, "green": 10}
+    assert azure.update_endpoint(served, traffic={"blue": 100, "Green": 0}).traffic["blue"] == 100
+    azure.delete_deployment(served, "Green")
+    assert [d.name for d in azure.list_deployments(served)] == ["blue"]
+
+
+def test_an_operation_in_progress_is_a_conflict_to_retry_not_already_exists(azure, fake, served):
+    fake.transport.inject("PUT", r"/onlineEndpoints/ep-served\?", arm_error(
+        409, "Conflict", "There is an operation in progress on endpoint ep-served."))
+    with pytest.raises(Conflict) as raised:
+        azure.update_endpoint(served, tags={"a": "b"})
+    assert "operation in progress" in str(raised.value) and "wait for it to finish, then retry" in str(raised.value)
+    assert "already exists" not in str(raised.value)
+
+
+@pytest.mark.parametrize("status, code, kind, message", [
+    (401, "InvalidAuthenticationToken", BackendError, "Azure refused the credentials.*az login"),
+    (403, "AuthorizationFailed", BackendError, "HTTP 403.*AzureML Data Scientist"),
+    (404, "ResourceNotFound", NotFound, "endpoint 'ep-served' not found"),
+])
+def test_arm_refusals_reach_the_user_with_what_to_do(azure, fake, served, status, code, kind, message):
+    fake.transport.inject("GET", r"/onlineEndpoints/ep-served\?", arm_error(status, code, f"{code} says no."))
+    with pytest.raises(kind, match=message):
+        azure.get_endpoint(served)
+
+
+def test_throttling_that_outlasts_the_sdk_retries_says_wait_and_retry(azure, fake, served):
+    for _ in range(12):  # azure-core retries a 429 itself; only a lasting one reaches us
+        fake.transport.inject("GET", r"/onlineEndpoints/ep-served\?",
+                              arm_error(429, "TooManyRequests", "Too many requests.", **{"Retry-After": "0"}))
+    with pytest.raises(BackendError, match="throttled.*wait a minute and retry"):
+        azure.get_endpoint(served)
+
+
+def test_the_sdk_progress_dots_never_reach_stdout(azure, served, example_dir, capfd):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
+    capfd.readouterr()
+    azure.create_deployment(spec)
+    out, err = capfd.readouterr()
+    assert out == "" and "." in err  # the SDK's poller still shows its progress, on stderr

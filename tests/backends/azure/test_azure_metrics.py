@@ -1,4 +1,5 @@
 """Our metric queries in Azure Monitor's terms: filters, splits, grains, and Azure's series read back."""
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -12,15 +13,15 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def test_filter_is_rendered_in_azure_syntax_with_a_star_clause_per_split():
-    text, _ = build_filter("RequestsPerMinute", "deployment eq 'green' and statusCodeClass ne '2xx'",
+    text, *_ = build_filter("RequestsPerMinute", "deployment eq 'green' and statusCodeClass ne '2xx'",
                            ["statusCode"])
     assert text == "deployment eq 'green' and statusCodeClass ne '2xx' and statusCode eq '*'"
 
 
 def test_or_keeps_its_grouping_when_a_split_is_added():
-    text, _ = build_filter("RequestsPerMinute", "deployment eq 'a' or deployment eq 'b'", ["deployment"])
+    text, *_ = build_filter("RequestsPerMinute", "deployment eq 'a' or deployment eq 'b'", ["deployment"])
     assert text == "(deployment eq 'a' or deployment eq 'b') and deployment eq '*'"
-    text, _ = build_filter("RequestsPerMinute", "(deployment eq 'a' or deployment eq 'b') and statusCode eq '500'",
+    text, *_ = build_filter("RequestsPerMinute", "(deployment eq 'a' or deployment eq 'b') and statusCode eq '500'",
                            [])
     assert text == "(deployment eq 'a' or deployment eq 'b') and statusCode eq '500'"
 
@@ -30,12 +31,12 @@ def test_no_filter_and_no_split_sends_no_filter():
 
 
 def test_scope_keeps_only_the_deployment_comparisons():
-    _, node = build_filter("RequestsPerMinute", "deployment eq 'green' and statusCodeClass ne '2xx'", [])
+    _, node, _ = build_filter("RequestsPerMinute", "deployment eq 'green' and statusCodeClass ne '2xx'", [])
     assert scope_filter(node) == "deployment eq 'green'"
 
 
 def test_quotes_in_values_are_escaped():
-    text, _ = build_filter("RequestLatency", "deployment eq 'it''s'", [])
+    text, *_ = build_filter("RequestLatency", "deployment eq 'it''s'", [])
     assert text == "deployment eq 'it''s'"
 
 
@@ -113,3 +114,60 @@ def test_latency_buckets_without_data_are_none():
                                filter_text="deployment eq 'rc'", split_by=())
     assert [p.value for p in series.points] == [None, 20.0, None]
     assert [p.timestamp for p in series.points] == [T0 + timedelta(minutes=m) for m in range(3)]
+
+
+# ---- on the wire: Azure Monitor's own rules -------------------------------------------------------
+
+def test_an_or_across_two_dimensions_counts_right_though_azure_refuses_it(azure, fake, served, credit_split):
+    from saferollout.data import to_request
+
+    good = to_request(credit_split.X_test.head(1))
+    for body in [good, good, good, {"data": [{"age": 1}]}, {"data": [{"age": 2}]}]:  # 3 x 200, 2 x 424
+        azure.invoke(served, body, deployment="blue")
+    # the bake gate's filter: Azure Monitor answers 400 to an `or` that joins two dimensions
+    [series] = azure.query_metrics(served, "RequestsPerMinute", aggregation="Total",
+                                   filter="deployment eq 'blue' and (statusCodeClass eq '5xx' or statusCode eq '424')")
+    assert sum(p.value or 0 for p in series.points) == 2
+    sent = fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")[-2].query["$filter"]
+    assert " or " not in sent
+
+
+def test_more_than_ten_series_all_come_back(azure, fake, served):
+    now = time.time()
+    for i in range(12):  # twelve deployments' requests in the service's request log
+        fake.state.record_request((now - 30, served, f"d{i:02d}", 200, 5.0, 0, f"r{i}", 200))
+    series = azure.query_metrics(served, "RequestsPerMinute", aggregation="Total", split_by=["deployment"],
+                                 start=datetime.fromtimestamp(now - 120, timezone.utc),
+                                 end=datetime.fromtimestamp(now + 60, timezone.utc))
+    assert sorted(s.dimensions["deployment"] for s in series) == [f"d{i:02d}" for i in range(12)]
+    assert fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")[0].query["top"] == "1000"
+
+
+def test_a_grain_finer_than_a_minute_is_refused_before_azure_is_asked(azure, fake, served):
+    with pytest.raises(SpecError, match="Azure Monitor cannot serve grain 'PT5S'"):
+        azure.query_metrics(served, "RequestsPerMinute", aggregation="Total", grain="PT5S")
+    assert not fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")
+
+
+def test_memory_and_cpu_of_a_deployment_are_asked_of_its_own_resource(azure, fake, served, credit_split):
+    from saferollout.data import to_request
+
+    for _ in range(3):
+        assert azure.invoke(served, to_request(credit_split.X_test.head(5)), deployment="blue").status == 200
+    [memory] = azure.query_metrics(served, "CpuMemoryUtilizationPercentage", aggregation="Maximum",
+                                   filter="deployment eq 'blue'")
+    values = [p.value for p in memory.points if p.value is not None]
+    assert values and all(0 < v < 100 for v in values)
+    sent = fake.transport.sent("GET", "/providers/Microsoft.Insights/metrics")[-1]
+    assert sent.path.endswith("/onlineEndpoints/ep-served/deployments/blue/providers/Microsoft.Insights/metrics")
+    assert sent.query["metricnamespace"] == "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"
+    [cpu] = azure.query_metrics(served, "CpuUtilizationPercentage", aggregation="Average",
+                                split_by=["deployment", "instanceId"])
+    assert cpu.dimensions["deployment"] == "blue" and cpu.dimensions["instanceId"].startswith("blue-")
+
+
+def test_a_deployment_metric_without_a_deployment_says_how_to_name_one(azure, served):
+    with pytest.raises(SpecError, match="name the deployment \\(filter \"deployment eq 'blue'\"\\)"):
+        azure.query_metrics(served, "CpuMemoryUtilizationPercentage", aggregation="Maximum")
+    with pytest.raises(SpecError, match="reported as Average, Minimum, Maximum"):
+        azure.query_metrics(served, "CpuUtilizationPercentage", aggregation="Total", filter="deployment eq 'blue'")

@@ -54,7 +54,7 @@ def test_config_json_is_read_when_no_names_are_given(clean_env, tmp_path):
 
 
 def test_client_factory_from_the_environment_builds_the_clients(clean_env, tmp_path):
-    clean_env.setenv(ENV_CLIENT_FACTORY, "fakes.azure_ml:client_factory")
+    clean_env.setenv(ENV_CLIENT_FACTORY, "fakes.azure_wire:client_factory")
     clean_env.setenv("SAFEROLLOUT_AZURE_FAKE_DIR", str(tmp_path / "ws"))
     backend = get_backend("azure")
     assert backend.workspace == "ws-saferollout-fake"
@@ -64,7 +64,7 @@ def test_client_factory_from_the_environment_builds_the_clients(clean_env, tmp_p
 @pytest.mark.parametrize("reference, message", [
     ("no_colon", "must look like 'package.module:function'"),
     ("no_such_module_xyz:make", "cannot import the Azure client factory module 'no_such_module_xyz'"),
-    ("fakes.azure_ml:NOT_THERE", "is not a function"),
+    ("fakes.azure_wire:NOT_THERE", "is not a function"),
 ])
 def test_bad_client_factory_is_refused_with_its_name(reference, message):
     with pytest.raises(SpecError, match=message):

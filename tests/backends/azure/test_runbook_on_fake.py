@@ -22,7 +22,7 @@ ENDPOINT = "credit-risk"
 @pytest.fixture
 def fake_workspace_env(tmp_path, monkeypatch):
     """Point this process and every child (kernels, the traffic process) at one fake workspace."""
-    monkeypatch.setenv("SAFEROLLOUT_AZURE_CLIENT_FACTORY", "fakes.azure_ml:client_factory")
+    monkeypatch.setenv("SAFEROLLOUT_AZURE_CLIENT_FACTORY", "fakes.azure_wire:client_factory")
     monkeypatch.setenv("SAFEROLLOUT_AZURE_FAKE_DIR", str(tmp_path / "fake-workspace"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.delenv("SAFEROLLOUT_BACKEND", raising=False)

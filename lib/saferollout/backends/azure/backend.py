@@ -15,14 +15,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from azure.ai.ml.exceptions import ValidationException
+
 from saferollout.backends.azure import metrics as azure_metrics
 from saferollout.backends.azure.entities import (credentials_from_sdk, deployment_entity, deployment_from_sdk,
                                                  endpoint_entity, endpoint_from_sdk, model_entity,
                                                  model_from_sdk)
 from saferollout.backends.azure.errors import sdk_errors
 from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients, build_metrics_client
-from saferollout.backends.base import (Credentials, Deployment, Endpoint, InvokeResult, MetricSeries, Model,
-                                       Progress, RequestSample)
+from saferollout.backends.base import (DEPLOYMENT_METRIC_DIMENSIONS, Credentials, Deployment, Endpoint,
+                                       InvokeResult, MetricSeries, Model, Progress, RequestSample)
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, NotFound, SafeRolloutError,
                                SpecError)
 from saferollout.specs import (DeploymentSpec, EndpointSpec, parse_model_ref, parse_traffic, validate_mirror,
@@ -31,6 +33,10 @@ from saferollout.specs import (DeploymentSpec, EndpointSpec, parse_model_ref, pa
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 DEFAULT_WINDOW = timedelta(hours=1)
 DEFAULT_LOG_LINES = 500
+
+
+def _lower_keys(mapping: dict[str, int]) -> dict[str, int]:
+    return {str(k).lower(): v for k, v in mapping.items()}
 
 
 class AzureBackend:
@@ -103,7 +109,12 @@ class AzureBackend:
         what = f"model {name}" + ("" if latest else f":{version}")
         with sdk_errors(what):
             if latest:
-                return model_from_sdk(self.ml_client.models.get(name=name, label="latest"))
+                try:
+                    return model_from_sdk(self.ml_client.models.get(name=name, label="latest"))
+                except ValidationException as exc:  # the SDK's answer when no version of `name` exists
+                    if "does not exist" not in str(exc):
+                        raise
+                    raise NotFound(f"{what} not found in the Azure ML workspace ({exc})") from exc
             return model_from_sdk(self.ml_client.models.get(name=name, version=str(version)))
 
     def list_models(self, name: str | None = None) -> list[Model]:
@@ -167,14 +178,15 @@ class AzureBackend:
         entity = self._endpoint_entity(name)
         current = endpoint_from_sdk(entity)
         deployments = {d.name: d for d in self.list_deployments(name)}
-        new_traffic = current.traffic if traffic is None else validate_traffic(parse_traffic(traffic),
-                                                                                set(deployments))
+        # Azure ML names are case-insensitive and the SDK sends them lower-cased: `Green` is `green` there
+        new_traffic = current.traffic if traffic is None else validate_traffic(
+            _lower_keys(parse_traffic(traffic)), set(deployments))
         for dep, percent in new_traffic.items():
             state = deployments[dep].provisioning_state if dep in deployments else "missing"
             if percent > current.traffic.get(dep, 0) and state != "Succeeded":
                 raise Conflict(f"cannot give traffic to deployment {dep!r}: its state is {state}")
-        mirror_in = current.mirror_traffic if mirror_traffic is None else parse_traffic(mirror_traffic,
-                                                                                        "mirror_traffic")
+        mirror_in = current.mirror_traffic if mirror_traffic is None else _lower_keys(
+            parse_traffic(mirror_traffic, "mirror_traffic"))
         mirror = validate_mirror(mirror_in, new_traffic, set(deployments))
         for dep in mirror:
             if deployments[dep].provisioning_state != "Succeeded" and dep not in current.mirror_traffic:
@@ -286,7 +298,7 @@ class AzureBackend:
 
     def delete_deployment(self, endpoint: str, name: str, progress: Progress | None = None) -> None:
         current = endpoint_from_sdk(self._endpoint_entity(endpoint))
-        self._deployment_entity(endpoint, name)
+        name = self._deployment_entity(endpoint, name).name  # as Azure names it (lower case)
         if current.traffic.get(name, 0) > 0:
             raise Conflict(f"cannot delete deployment {name!r}: it has {current.traffic[name]}% live traffic; "
                            "move its traffic to another deployment first")
@@ -379,6 +391,13 @@ class AzureBackend:
         end = end or datetime.now(timezone.utc)
         start = start or end - DEFAULT_WINDOW
         resource_id = self.endpoint_resource_id(endpoint)
+        if metric in DEPLOYMENT_METRIC_DIMENSIONS:  # instance metrics live on each deployment's resource
+            names = [d.name for d in self.list_deployments(endpoint)]
+            with sdk_errors(f"metric {metric} of endpoint {endpoint!r}"):
+                series, self.last_metric_filters = azure_metrics.query_deployment_series(
+                    self.metrics_client, resource_id, names, metric, aggregation=aggregation, grain=grain,
+                    start=start, end=end, filter_text=filter, split_by=split_by)
+            return series
         with sdk_errors(f"metric {metric} of endpoint {endpoint!r}"):
             series, self.last_metric_filters = azure_metrics.query_series(
                 self.metrics_client, resource_id, metric, aggregation=aggregation, grain=grain, start=start,

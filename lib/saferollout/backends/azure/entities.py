@@ -7,6 +7,7 @@ backend-neutral `Endpoint`, `Deployment`, `Model` and `Credentials` of `saferoll
 from __future__ import annotations
 
 from dataclasses import asdict
+from enum import Enum
 from typing import Any, Mapping
 
 from azure.ai.ml.entities import (BuildContext, CodeConfiguration, EndpointAuthKeys, Environment, ManagedOnlineDeployment,
@@ -71,12 +72,19 @@ def _strs(mapping: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in (mapping or {}).items()}
 
 
+def enum_text(value: Any) -> str:
+    """An SDK enum's wire value (azure-ai-ml answers states as str-Enums whose str() is 'Class.MEMBER')."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    return "" if value is None else str(value)
+
+
 def endpoint_from_sdk(entity: Any) -> Endpoint:
-    return Endpoint(name=entity.name, auth_mode=str(entity.auth_mode or "key").lower(),
+    return Endpoint(name=entity.name, auth_mode=enum_text(entity.auth_mode or "key").lower(),
                     scoring_uri=entity.scoring_uri or "", traffic=_ints(entity.traffic),
                     mirror_traffic=_ints(entity.mirror_traffic), tags=_strs(entity.tags),
                     properties=_strs(entity.properties), description=entity.description or "",
-                    provisioning_state=str(entity.provisioning_state or ""),
+                    provisioning_state=enum_text(entity.provisioning_state),
                     openapi_uri=entity.openapi_uri or "", kind=getattr(entity, "kind", None) or "Managed")
 
 
@@ -116,7 +124,7 @@ def deployment_from_sdk(entity: Any, reason: str = "") -> Deployment:
     code = entity.code_configuration
     return Deployment(
         name=entity.name, endpoint_name=entity.endpoint_name, model=model_ref_of(entity.model),
-        provisioning_state=str(entity.provisioning_state or ""), instance_type=entity.instance_type or "",
+        provisioning_state=enum_text(entity.provisioning_state), instance_type=entity.instance_type or "",
         instance_count=int(entity.instance_count or 0), tags=_strs(entity.tags),
         properties=_strs(entity.properties), description=entity.description or "",
         environment=_environment_view(entity.environment),

@@ -5,7 +5,8 @@ CLI sees `NotFound`, `Conflict`, `SpecError` or `BackendError` (never a raw SDK 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stdout
 from typing import Iterator
 
 from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError,
@@ -35,9 +36,19 @@ def translate(exc: BaseException, what: str) -> SafeRolloutError:
         error = NotFound(f"{what} not found in the Azure ML workspace ({detail})")
         error.__cause__ = exc
         return error
+    if isinstance(exc, (ResourceExistsError, HttpResponseError)) and exc.status_code == 409:
+        # azure-core raises every 409 as ResourceExistsError, "operation in progress" included: never say
+        # "already exists" (the backend checks that itself before it creates anything)
+        error = Conflict(f"Azure reports a conflict on {what}: {detail}; another operation may still be "
+                         "running on it: wait for it to finish, then retry")
+        error.__cause__ = exc
+        return error
     if isinstance(exc, ResourceExistsError):
         error = Conflict(f"{what} already exists ({detail})")
         error.__cause__ = exc
+        return error
+    if isinstance(exc, HttpResponseError) and _is_failed_operation(exc):
+        error = BackendError(f"Azure could not complete {what}: the operation failed: {detail}", exc)
         return error
     if isinstance(exc, HttpResponseError):
         status = exc.status_code
@@ -46,11 +57,6 @@ def translate(exc: BaseException, what: str) -> SafeRolloutError:
                                 f"'AzureML Data Scientist' role on the workspace, or {AUTH_HINT}", exc)
         if status == 404:
             error = NotFound(f"{what} not found in the Azure ML workspace ({detail})")
-            error.__cause__ = exc
-            return error
-        if status == 409:
-            error = Conflict(f"Azure reports a conflict on {what}: {detail}; another operation may still be "
-                             "running on it: wait for it to finish, then retry")
             error.__cause__ = exc
             return error
         if status == 429:
@@ -72,6 +78,11 @@ def translate(exc: BaseException, what: str) -> SafeRolloutError:
     return BackendError(f"unexpected error on {what}: {type(exc).__name__}: {detail}", exc)
 
 
+def _is_failed_operation(exc: HttpResponseError) -> bool:
+    """A long-running operation that ended Failed: the poller raises with the *poll's* status (200)."""
+    return exc.status_code is not None and 200 <= exc.status_code < 300
+
+
 def _validation_error_types() -> tuple[type, ...]:
     try:
         from azure.ai.ml.exceptions import ValidationException
@@ -82,9 +93,13 @@ def _validation_error_types() -> tuple[type, ...]:
 
 @contextmanager
 def sdk_errors(what: str) -> Iterator[None]:
-    """Run SDK calls about `what`; anything they raise leaves as one of our errors, cause attached."""
+    """Run SDK calls about `what`; anything they raise leaves as one of our errors, cause attached.
+
+    azure-ai-ml prints progress (a `.` per poll, "Check: endpoint exists") on stdout; it goes to stderr
+    here, so a command's stdout holds only its own output (`-o json` stays parseable)."""
     try:
-        yield
+        with redirect_stdout(sys.stderr):
+            yield
     except SafeRolloutError:
         raise
     except Exception as exc:  # noqa: BLE001 - every SDK failure is translated, none is swallowed

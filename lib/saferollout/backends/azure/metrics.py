@@ -17,10 +17,10 @@ import math
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
-from saferollout.backends.base import METRIC_DIMENSIONS, MetricPoint, MetricSeries
+from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, MetricPoint, MetricSeries
 from saferollout.backends.local.metrics import (ALWAYS, BoolOp, Comparison, grain_seconds, parse_filter,
                                                 scope_of, validate_query)
-from saferollout.errors import SpecError
+from saferollout.errors import BackendError, SpecError
 
 NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
 # Grains Azure Monitor serves for platform metrics; it refuses anything finer than a minute.
@@ -63,14 +63,30 @@ def azure_grain(grain: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def build_filter(metric: str, filter_text: str | None, split_by: Sequence[str]) -> tuple[str | None, Any]:
-    """-> (Azure $filter text or None, the parsed filter). Raises SpecError on a bad filter or dimension."""
+def crosses_dimensions(node: Any) -> bool:
+    """True when an `or` joins comparisons of two dimensions, which Azure Monitor refuses."""
+    if isinstance(node, BoolOp):
+        if node.op == "or" and len(named_dimensions(node)) > 1:
+            return True
+        return crosses_dimensions(node.left) or crosses_dimensions(node.right)
+    return False
+
+
+def build_filter(metric: str, filter_text: str | None, split_by: Sequence[str]) -> tuple[str | None, Any, Any]:
+    """-> (Azure $filter text or None, the parsed filter, the filter to apply here or None).
+
+    Azure Monitor's `or` may only join values of one dimension. A filter whose `or` crosses dimensions
+    (`statusCodeClass eq '5xx' or statusCode eq '424'`) is asked as a split by every dimension it names,
+    and applied here to the series Azure returns: each series carries its dimension values."""
     node = parse_filter(filter_text, METRIC_DIMENSIONS[metric])
+    if crosses_dimensions(node):
+        dims = [d for d in METRIC_DIMENSIONS[metric] if d in named_dimensions(node) or d in split_by]
+        return " and ".join(f"{dim} eq '*'" for dim in dims), node, node
     clauses = [render(node)] if node is not ALWAYS else []
     if clauses and isinstance(node, BoolOp) and node.op == "or" and split_by:
         clauses = [f"({clauses[0]})"]
     clauses += [f"{dim} eq '*'" for dim in split_by]
-    return (" and ".join(clauses) or None), node
+    return (" and ".join(clauses) or None), node, None
 
 
 def scope_filter(node: Any) -> str | None:
@@ -82,12 +98,24 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
+# Azure Monitor answers at most `top` series (10 when not given) when a filter splits, and drops the rest
+# without a word; we ask for this many and refuse an answer that reaches it (it may be cut short).
+MAX_SERIES = 1000
+
+
 def query(client: Any, resource_id: str, metric: str, aggregation: str, grain: str, start: datetime,
-          end: datetime, filter_text: str | None) -> Any:
+          end: datetime, filter_text: str | None, namespace: str = NAMESPACE) -> Any:
     """One call to Azure Monitor (raises the SDK's errors; the backend translates them)."""
-    return client.query_resource(resource_id, [metric], metric_namespace=NAMESPACE,
-                                 timespan=(_utc(start), _utc(end)), granularity=azure_grain(grain),
-                                 aggregations=[aggregation], filter=filter_text)
+    result = client.query_resource(resource_id, [metric], metric_namespace=namespace,
+                                   timespan=(_utc(start), _utc(end)), granularity=azure_grain(grain),
+                                   aggregations=[aggregation], filter=filter_text,
+                                   max_results=MAX_SERIES if filter_text else None)
+    for found in result.metrics:
+        if len(found.timeseries) >= MAX_SERIES:
+            raise BackendError(f"Azure Monitor returned {len(found.timeseries)} series of {metric} for filter "
+                               f"{filter_text!r}, the most it was asked for: the answer may be cut short; "
+                               "narrow the filter or split by fewer dimensions")
+    return result
 
 
 def _value(point: Any, aggregation: str) -> float | None:
@@ -111,13 +139,18 @@ def _metadata(element: Any, dimension: str) -> str:
 
 
 def to_series(result: Any, metric: str, aggregation: str, grain: str,
-              split_by: Sequence[str]) -> list[MetricSeries]:
-    """Azure's MetricsQueryResult -> our MetricSeries, one per split-by combination, timestamps ascending."""
+              split_by: Sequence[str], keep: Any = None) -> list[MetricSeries]:
+    """Azure's MetricsQueryResult -> our MetricSeries, one per split-by combination, timestamps ascending.
+
+    `keep`: a parsed filter applied here to each series' dimension values (see `build_filter`)."""
     grouped: dict[tuple[str, ...], dict[datetime, list[float | None]]] = {}
     for found in result.metrics:
         if str(found.name).lower() != metric.lower():
             continue
         for element in found.timeseries:
+            if keep is not None and not keep.matches(
+                    {d: _metadata(element, d) for d in METRIC_DIMENSIONS.get(metric, ())}):
+                continue
             key = tuple(_metadata(element, d) for d in split_by)
             points = grouped.setdefault(key, {})
             for point in element.data:
@@ -162,9 +195,9 @@ def query_series(client: Any, resource_id: str, metric: str, *, aggregation: str
                  split_by: Iterable[str]) -> tuple[list[MetricSeries], list[str]]:
     """-> (series, the Azure filters that were run, for the record). SDK errors propagate."""
     split = validate_query(metric, aggregation, split_by)
-    azure_filter, node = build_filter(metric, filter_text, split)
+    azure_filter, node, keep = build_filter(metric, filter_text, split)
     result = query(client, resource_id, metric, aggregation, grain, start, end, azure_filter)
-    series = to_series(result, metric, aggregation, grain, split)
+    series = to_series(result, metric, aggregation, grain, split, keep)
     ran = [azure_filter or ""]
     scope = None
     if metric == "RequestsPerMinute":
@@ -176,3 +209,79 @@ def query_series(client: Any, resource_id: str, metric: str, *, aggregation: str
     for one in series:
         one.metric, one.aggregation, one.grain = metric, aggregation, grain
     return series, ran
+
+
+# ---- deployment (instance) metrics -------------------------------------------------------------
+
+DEPLOYMENT_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"
+INSTANCE_AGGREGATIONS = ("Average", "Minimum", "Maximum")
+
+
+def _deployments_named(node: Any) -> list[str]:
+    if isinstance(node, Comparison) and node.dimension == "deployment":
+        if node.op != "eq" or node.value == "*":
+            raise SpecError("a deployment metric names its deployments with `deployment eq '<name>'` "
+                            f"(or splits by deployment), not `deployment {node.op} '{node.value}'`")
+        return [node.value]
+    if isinstance(node, BoolOp):
+        return _deployments_named(node.left) + _deployments_named(node.right)
+    return []
+
+
+def _without_deployment(node: Any) -> Any:
+    """The filter Azure gets on one deployment's resource: the deployment comparisons are the resource."""
+    if isinstance(node, Comparison):
+        return ALWAYS if node.dimension == "deployment" else node
+    if isinstance(node, BoolOp):
+        left, right = _without_deployment(node.left), _without_deployment(node.right)
+        if left is ALWAYS:
+            return right
+        if right is ALWAYS:
+            return left
+        return BoolOp(node.op, left, right)
+    return node
+
+
+def query_deployment_series(client: Any, endpoint_id: str, all_deployments: Sequence[str], metric: str, *,
+                            aggregation: str, grain: str, start: datetime, end: datetime,
+                            filter_text: str | None, split_by: Iterable[str]) -> tuple[list[MetricSeries], list[str]]:
+    """An instance metric (CPU, memory...) of the deployments the filter names, one query per deployment
+    on its own ARM id. -> (series, the Azure filters that were run)."""
+    dims = DEPLOYMENT_METRIC_DIMENSIONS[metric]
+    if aggregation not in INSTANCE_AGGREGATIONS:
+        raise SpecError(f"{metric} is reported as {', '.join(INSTANCE_AGGREGATIONS)}; got aggregation {aggregation!r}")
+    canonical = {d.lower(): d for d in dims}
+    split = []
+    for name in split_by:
+        if name.lower() not in canonical:
+            raise SpecError(f"cannot split {metric} by {name!r}: its dimensions are {', '.join(dims)}")
+        split.append(canonical[name.lower()])
+    node = parse_filter(filter_text, dims)
+    named = _deployments_named(node)
+    deployments = named or ([] if "deployment" not in split else list(all_deployments))
+    if not deployments:
+        raise SpecError(f"{metric} is a deployment metric: name the deployment (filter \"deployment eq 'blue'\") "
+                        "or split by deployment")
+    if len(deployments) > 1 and "deployment" not in split:
+        raise SpecError(f"{metric} of several deployments: split by deployment, or name one")
+    known = {d.lower(): d for d in all_deployments}
+    rest = render(_without_deployment(node)) or None
+    azure_split = [d for d in split if d != "deployment"]
+    clauses = ([f"({rest})" if " or " in (rest or "") and azure_split else rest] if rest else []) + \
+        [f"{d} eq '*'" for d in azure_split]
+    azure_filter = " and ".join(clauses) or None
+    stamps = timeline(start, end, grain)
+    series: list[MetricSeries] = []
+    for name in deployments:
+        if name.lower() not in known:
+            raise SpecError(f"deployment {name!r} not found on this endpoint: it has {', '.join(sorted(known.values()))}")
+        resource = f"{endpoint_id}/deployments/{known[name.lower()]}"
+        result = query(client, resource, metric, aggregation, grain, start, end, azure_filter, DEPLOYMENT_NAMESPACE)
+        found = to_series(result, metric, aggregation, grain, azure_split)
+        found = align(found, stamps, None, bool(azure_split))
+        for one in found:
+            one.metric, one.aggregation, one.grain = metric, aggregation, grain
+            if "deployment" in split:
+                one.dimensions = {"deployment": known[name.lower()], **one.dimensions}
+        series.extend(found)
+    return series, [azure_filter or ""]
