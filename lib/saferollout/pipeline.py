@@ -92,12 +92,13 @@ def smoke_bodies(n: int = 5, batch_size: int = 2, seed: int = 42) -> list[bytes]
 
 
 def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str = "none", run_id: str = "",
-           progress: Any = print) -> dict[str, Any]:
+           baseline: bool = False, progress: Any = print) -> dict[str, Any]:
     """The deploy step: endpoint if missing, the rollout lock, then first release or an RC at 0%.
 
-    Returns what the notebook records: first_release, prod, rc, model, phase. A fault applies to a release
-    candidate only: a first release always deploys healthy. A first release (or a model PROD already
-    serves) ends the rollout here, so the lock is released.
+    Returns what the notebook records: first_release, prod, rc, baseline, model, phase. A fault applies to a
+    release candidate only: a first release always deploys healthy. A first release (or a model PROD
+    already serves) ends the rollout here, so the lock is released. With `baseline`, PROD's model is
+    deployed afresh beside the RC (same code and settings), and the gates compare the RC with it.
     """
     rollout.ensure_endpoint(backend, endpoint_spec(endpoint_name))
     rollout.acquire_lock(backend, endpoint_name, rollout.default_owner(), run_id)
@@ -110,7 +111,11 @@ def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str =
     nothing_to_roll_out = first_release or state.rc is None
     if nothing_to_roll_out:
         rollout.release_lock(backend, endpoint_name)
-    return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc,
+    elif baseline:
+        assert state.prod_model is not None
+        state = rollout.deploy_baseline(backend, endpoint_name, candidate_spec(endpoint_name, state.prod_model),
+                                        progress=progress)
+    return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc, "baseline": state.baseline,
             "model": rollout.resolve_model_ref(backend, model_ref), "phase": state.phase.value}
 
 
@@ -126,24 +131,33 @@ def smoke(backend: Backend, endpoint_name: str, rc: str, n: int = 5) -> Any:
 
 
 def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50) -> dict[str, Any]:
-    """Warm the smoke-tested RC with `n` held-out requests pinned to it, before any live traffic.
+    """Warm the smoke-tested RC (and the baseline, if any) with `n` held-out requests pinned to each.
 
     A freshly started process answers its first requests more slowly (imports, caches, lazy model state)
     than PROD, which has been serving for a while; the latency gates compare like with like once it is
     warm. The requests go through the deployment header, so the platform marks them pinned and no gate
-    counts them as live traffic. Returns the latencies of the first and last tenth, and the failures.
+    counts them as live traffic. Returns, for the RC, the median latencies of the first and last tenth
+    and the failures (`baseline`: the same for the baseline).
     """
     if n <= 0:
         return {"n": 0, "failed": 0}
     bodies = smoke_bodies(min(n, 50))
-    latencies, failed = [], 0
-    for i in range(n):
-        result = backend.invoke(endpoint_name, bodies[i % len(bodies)], deployment=rc, timeout_s=30.0)
-        latencies.append(result.latency_ms)
-        failed += not result.ok
-    tenth = max(1, n // 10)
-    return {"n": n, "failed": failed, "first_ms": float(np.median(latencies[:tenth])),
-            "last_ms": float(np.median(latencies[-tenth:]))}
+    baseline = rollout.read_state(backend, endpoint_name).baseline
+
+    def warm(deployment: str) -> dict[str, Any]:
+        latencies, failed = [], 0
+        for i in range(n):
+            result = backend.invoke(endpoint_name, bodies[i % len(bodies)], deployment=deployment, timeout_s=30.0)
+            latencies.append(result.latency_ms)
+            failed += not result.ok
+        tenth = max(1, n // 10)
+        return {"n": n, "failed": failed, "first_ms": float(np.median(latencies[:tenth])),
+                "last_ms": float(np.median(latencies[-tenth:]))}
+
+    outcome = warm(rc)
+    if baseline:
+        outcome["baseline"] = warm(baseline)
+    return outcome
 
 
 # ---- gates -------------------------------------------------------------------------------------------
