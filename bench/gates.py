@@ -491,7 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--healthy-runs", type=int, default=1000)
     parser.add_argument("--regression-runs", type=int, default=300)
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the docs section (and plot) from bench/results/gates.json without simulating")
     args = parser.parse_args(argv)
+    if args.render_only:
+        data = json.loads(RESULTS.read_text())
+        data["notes"] = NOTES
+        plot(data["results"])
+        publish.write_section(SECTION, section(data))
+        return 0
     started = time.perf_counter()
     fast_path = check_fast_path()
     note = "simulated time: results do not depend on the machine's load"

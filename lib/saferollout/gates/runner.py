@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from saferollout.errors import GateFailed, SafeRolloutError
-from saferollout.gates.base import Gate, GateContext, Verdict, expire
+from saferollout.gates.base import Gate, GateContext, PinnedLedger, Verdict, expire
 
 
 @dataclass
@@ -46,6 +46,7 @@ def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | No
     start = clock() if start is None else start
     started_at = clock()
     share = rc_share(backend, endpoint, rc)
+    backend = PinnedLedger(backend, clock)  # the aggregate gates subtract the requests the gates pin themselves
     latest: dict[str, Verdict] = {}
     history: list[Verdict] = []
     while True:
