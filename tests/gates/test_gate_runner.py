@@ -96,3 +96,17 @@ def test_a_sequential_gate_stops_early_on_a_clear_regression():
     report = run_gates([SequentialGate()], FakeBackend(rows), "credit", "green", "blue", start=T0, poll_s=5,
                        clock=clock, sleep=clock.sleep)
     assert report.decision == "fail" and clock.now < T0 + 200
+
+
+@pytest.mark.parametrize("traffic, expected", [
+    ({"green": 10, "blue": 90}, 0.1),
+    ({"green": 10, "baseline": 10, "blue": 80}, 0.5),  # compared with the baseline: half of the two's requests
+    ({"green": 100}, None),
+    ({}, None),
+])
+def test_the_rcs_share_is_of_the_requests_served_by_it_and_its_control(traffic, expected):
+    from saferollout.gates.runner import rc_share
+
+    control = "baseline" if "baseline" in traffic else "blue"
+    assert rc_share(FakeBackend(traffic=traffic), "credit", "green", control) == (
+        pytest.approx(expected) if expected is not None else None)
