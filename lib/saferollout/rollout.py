@@ -433,16 +433,8 @@ def deploy_candidate(backend: Backend, endpoint: str, spec: DeploymentSpec, mode
 def _first_release(backend: Backend, state: RolloutState, deployments: dict[str, Deployment],
                    spec: DeploymentSpec, model: str, fingerprint: str, progress: Progress | None) -> RolloutState:
     endpoint, name = state.endpoint, DEPLOYMENT_NAMES[0]
-    existing = deployments.get(name)
-    if existing is not None and (existing.tags.get(FINGERPRINT_TAG) != fingerprint
-                                 or existing.provisioning_state == "Failed"):
-        _say(progress, f"{endpoint}: deleting {name} ({existing.provisioning_state}) before the first release")
-        _delete(backend, endpoint, name, state)
-        existing = None
-    if existing is None:
-        _say(progress, f"{endpoint}: first release: creating {name} with {model}")
-        backend.create_deployment(_tagged(spec, endpoint, name, model, fingerprint, "prod"), wait=False,
-                                  progress=progress)
+    prod_spec = _tagged(spec, endpoint, name, model, fingerprint, "prod")
+    _create_unless_there(backend, state, deployments.get(name), prod_spec, "the first release", progress)
     try:
         _wait(backend, endpoint, name, progress)
     except DeploymentFailed as exc:
@@ -455,6 +447,21 @@ def _first_release(backend: Backend, state: RolloutState, deployments: dict[str,
                          GATES_PASSED_TAG))
     _say(progress, f"{endpoint}: first release: {name} is PROD at 100%")
     return read_state(backend, endpoint)
+
+
+def _create_unless_there(backend: Backend, state: RolloutState, existing: Deployment | None, spec: DeploymentSpec,
+                         purpose: str, progress: Progress | None) -> None:
+    """Create `spec` (tagged), unless a deployment of the same fingerprint is there and not failed (a re-run
+    reuses it); a different or failed one under that name is deleted first."""
+    endpoint, name = state.endpoint, spec.name
+    if existing is not None and (existing.tags.get(FINGERPRINT_TAG) != spec.tags[FINGERPRINT_TAG]
+                                 or existing.provisioning_state == "Failed"):
+        _say(progress, f"{endpoint}: deleting {name} ({existing.provisioning_state}) before {purpose}")
+        _delete(backend, endpoint, name, state)
+        existing = None
+    if existing is None:
+        _say(progress, f"{endpoint}: {purpose}: creating {name} with {spec.model}")
+        backend.create_deployment(spec, wait=False, progress=progress)
 
 
 def _wait_for_rc(backend: Backend, endpoint: str, name: str, progress: Progress | None) -> RolloutState:
@@ -787,15 +794,8 @@ def deploy_baseline(backend: Backend, endpoint: str, spec: DeploymentSpec, *,
     model = state.prod_model
     fingerprint = _fingerprint(spec, model)
     existing = {d.name: d for d in backend.list_deployments(endpoint)}.get(BASELINE_NAME)
-    if existing is not None and (existing.tags.get(FINGERPRINT_TAG) != fingerprint
-                                 or existing.provisioning_state == "Failed"):
-        _say(progress, f"{endpoint}: deleting the stale baseline ({existing.provisioning_state})")
-        _delete(backend, endpoint, BASELINE_NAME, state)
-        existing = None
-    if existing is None:
-        _say(progress, f"{endpoint}: creating the baseline {BASELINE_NAME} with PROD's model {model} at 0% traffic")
-        backend.create_deployment(_tagged(spec, endpoint, BASELINE_NAME, model, fingerprint, "baseline"),
-                                  wait=False, progress=progress)
+    baseline_spec = _tagged(spec, endpoint, BASELINE_NAME, model, fingerprint, "baseline")
+    _create_unless_there(backend, state, existing, baseline_spec, "the baseline (PROD's model, 0% traffic)", progress)
     _update(backend, endpoint, set_tags={BASELINE_TAG: BASELINE_NAME})
     try:
         _wait(backend, endpoint, BASELINE_NAME, progress)

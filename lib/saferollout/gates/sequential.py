@@ -138,15 +138,21 @@ def error_decision(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, rho: float
         return "pass", (f"error rate: {rates}; the RC's is at most {s['rc_high']:.2%}, within PROD "
                         f"+{margin_points:g} points ({allowed:.2%}) with confidence {1 - beta:.0%}"), evidence
     if final:
-        end = dict(evidence, end_p_value=s["end_p"], end_alpha=END_SHARE_OF_ALPHA * alpha)
-        if s["end_fail"]:
-            return "fail", (f"error rate: {rates}; at the window's end the RC fails more often than {limit} "
-                            f"(~{tolerated:.2%}): p = {s['end_p']:.3g} < {END_SHARE_OF_ALPHA * alpha:g}"), end
-        return "pass", (f"error rate: {rates}; the window ended without evidence the RC fails more often than "
-                        f"{limit} (e-value {e_value:.3g} < {threshold:g}, p = {s['end_p']:.3g})"), \
-            dict(end, passed_at_window_end=True)
+        return _at_window_end(f"error rate: {rates}", f"the RC fails more often than {limit} (~{tolerated:.2%})",
+                              s, e_value, threshold, evidence, alpha)
     return "inconclusive", (f"error rate: {rates}; not decided yet: e-value {e_value:.3g} < {threshold:g} "
                             f"and the RC's could be up to {s['rc_high']:.2%} (> {allowed:.2%})"), evidence
+
+
+def _at_window_end(observed: str, harm: str, s: dict[str, Any], e_value: float, threshold: float,
+                   evidence: dict[str, Any], alpha: float) -> tuple[str, str, dict[str, Any]]:
+    """The one fixed-sample decision of a gate the anytime tests left undecided at the window's end."""
+    end_alpha = END_SHARE_OF_ALPHA * alpha
+    end = dict(evidence, end_p_value=s["end_p"], end_alpha=end_alpha)
+    if s["end_fail"]:
+        return "fail", f"{observed}; at the window's end {harm}: p = {s['end_p']:.3g} < {end_alpha:g}", end
+    return "pass", (f"{observed}; the window ended without evidence {harm} (e-value {e_value:.3g} < "
+                    f"{threshold:g}, p = {s['end_p']:.3g})"), dict(end, passed_at_window_end=True)
 
 
 def _error_limit(ratio: float, points: float) -> str:
@@ -228,7 +234,8 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
     rc_warm = np.asarray(rc_ms, float)[np.asarray(rc_ts, float) > warm_after]
     prod_warm = np.asarray(prod_ms, float)[np.asarray(prod_ts, float) > warm_after]
     if rc_warm.size == 0 or prod_warm.size == 0:
-        raise Inconclusive("latency: no requests after the warm-up yet", {"n": {"rc": len(rc_warm), "prod": len(prod_warm)}})
+        raise Inconclusive("latency: no requests after the warm-up yet",
+                           {"n": {"rc": len(rc_warm), "prod": len(prod_warm)}})
     rc_q, prod_q = float(np.quantile(rc_warm, quantile)), float(np.quantile(prod_warm, quantile))
     e_value = float(np.exp(min(s["log_e"], 700.0)))
     threshold = fail_threshold(alpha)
@@ -237,7 +244,8 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
                 "e_value": e_value, "e_threshold": threshold, "levels": s["levels"],
                 "counted_requests": s["counted"], "rc_share": rho, "calibration_samples": calibration,
                 "prod_quantile_lower": s["prod_low"], "allowed_ms": s["allowed_ms"],
-                "rc_above_allowed": s["rc_above_allowed"], "e_value_no_harm": float(np.exp(min(s["log_e_pass"], 700.0))),
+                "rc_above_allowed": s["rc_above_allowed"],
+                "e_value_no_harm": float(np.exp(min(s["log_e_pass"], 700.0))),
                 "e_threshold_no_harm": 1 / (RC_SHARE_OF_BETA * beta), "tolerance_ratio": tolerance_ratio,
                 "tolerance_ms": tolerance_ms, "margin_ratio": margin_ratio, "alpha": alpha, "beta": beta}
     observed = f"{label} RC {rc_q:.1f} ms ({rc_warm.size}) vs PROD {prod_q:.1f} ms ({prod_warm.size})"
@@ -252,13 +260,8 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
                         f"PROD's {label} lower bound): its {label} is within {margin_ratio:g}x PROD with confidence "
                         f"{1 - beta:.0%}"), evidence
     if final and s["calibrated"]:
-        end = dict(evidence, end_p_value=s["end_p"], end_alpha=END_SHARE_OF_ALPHA * alpha)
-        if s["end_fail"]:
-            return "fail", (f"latency {observed}; at the window's end the RC is slower than {tolerated} (at {watched}): "
-                            f"p = {s['end_p']:.3g} < {END_SHARE_OF_ALPHA * alpha:g}"), end
-        return "pass", (f"latency {observed}; the window ended without evidence the RC is slower than {tolerated} "
-                        f"(at {watched}; e-value {e_value:.3g} < {threshold:g}, p = {s['end_p']:.3g})"), \
-            dict(end, passed_at_window_end=True)
+        return _at_window_end(f"latency {observed}", f"the RC is slower than {tolerated} (at {watched})",
+                              s, e_value, threshold, evidence, alpha)
     waiting = (f"e-value {e_value:.3g} < {threshold:g}" if s["calibrated"]
                else f"PROD has {len(prod_ms)} of {calibration} calibration samples")
     return "inconclusive", (f"latency {observed}; not decided yet: {waiting}, and {share:.1%} of RC requests "
