@@ -85,6 +85,7 @@ def _report(progress, ctx: GateContext, gates: list[Gate], latest: dict[str, Ver
     if progress is None:
         return
     n = next((v.evidence.get("n") for v in latest.values() if isinstance(v.evidence.get("n"), dict)), None)
-    counts = ", ".join(f"{k} {v}" for k, v in n.items()) if n else "n unknown"
+    names = {"rc": ctx.rc, "prod": ctx.prod}  # evidence says rc/prod; the line names the deployments throughout
+    counts = ", ".join(f"{names.get(k) or k} {v}" for k, v in n.items()) if n else "n unknown"
     states = "; ".join(f"{g.name}: {latest[g.name].decision}" for g in gates if g.name in latest)
     progress(f"{ctx.elapsed_s:.0f}s elapsed, n per deployment: {counts} | {states}")
