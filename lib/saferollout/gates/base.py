@@ -42,8 +42,9 @@ class Verdict:
 class GateContext:
     """Where and when a gate looks: the endpoint, RC and PROD names, the window [start, now].
 
-    `rc_share` is the probability that a live request goes to the RC (its traffic percent / 100), when
-    known; the sequential tests then use it instead of the share realised so far.
+    `rc_share` is the probability that a live request served by the RC or by `prod` (PROD, or the
+    baseline) went to the RC, from the endpoint's traffic when known; the sequential tests then use it
+    instead of the share realised so far.
     """
 
     backend: Backend
