@@ -58,11 +58,13 @@ def one_rollout(runs_dir: Path, **params: Any) -> dict[str, Any]:
                                    "at_window_end": bool(v["evidence"].get("passed_at_window_end"))}
                        for v in g.get("verdicts", [])} for step, g in (summary.get("gates") or {}).items()}
     traffic = summary.get("traffic") or {}
+    per_deployment = traffic.get("per_deployment") or {}
     return {"status": summary["status"], "exit_code": result.exit_code,
             "wall_s": round(time.perf_counter() - started, 1), "failed_step": failure.get("step"),
             "failed_gate": gate.group(1) if gate else None, "failure": message[:400], "gates": verdicts,
             "steps": {s["id"]: round(s["duration_s"] or 0.0, 1) for s in summary["steps"] if s["status"] != "skipped"},
-            "client": {"sent": traffic.get("sent"), "failed": traffic.get("failed")},
+            "client": {"sent": traffic.get("sent"), "failed": traffic.get("failed"),
+                       "failed_by_deployment": {d: c.get("failed") for d, c in per_deployment.items() if c.get("failed")}},
             "run_dir": str(result.run_dir)}
 
 
@@ -124,11 +126,14 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
 def markdown(data: dict[str, Any]) -> str:
     env, summary = data["environment"], data["summary"]
     load = env.get("loadavg_at_start", [0])[0]
+    before = [r["load_before"] for r in data["rollouts"] if "load_before" in r]
     lines = [SECTION, "",
              f"Gated rollouts on the local platform, as a user runs them (`bench/gate_rollouts.py`, raw figures in "
              f"`bench/results/gate_rollouts.json`), run on {env['date']} at commit `{env['commit']}`, "
              f"{env['cpus']} CPUs (load average {load:.1f} at the start, "
-             f"{env.get('loadavg_at_end', [0])[0]:.1f} at the end). Each is `saferollout run "
+             f"{env.get('loadavg_at_end', [0])[0]:.1f} at the end; before each rollout between "
+             f"{min(before, default=0):.1f} and {max(before, default=0):.1f}: other work shared the machine). "
+             "Each is `saferollout run "
              "runbooks/safe_rollout.yaml` with the runbook's defaults on one endpoint: healthy RCs alternate a "
              "retrain of PROD's family and a new family (LR = logistic regression, GB = gradient boosting), then "
              "each faulty RC in turn.", "",
@@ -139,6 +144,20 @@ def markdown(data: dict[str, Any]) -> str:
         caught = ", ".join(f"{k} {v}" for k, v in s["caught_by"].items()) or "-"
         lines.append(f"| {kind if kind == 'healthy' else 'fault=' + kind} | {s['runs']} | {s['as_expected']} "
                      f"{expected} | {outcomes} | {caught} | {s['median_wall_s']:.0f} s |")
+    healthy = [r for r in data["rollouts"] if r["kind"] == "healthy"]
+    at_end = sum(v["at_window_end"] for r in healthy for per in r["gates"].values() for v in per.values())
+    first = [per["seconds"] for r in healthy for g, per in r["gates"].get("validate-10", {}).items()
+             if g.endswith("sequential")]
+    failed_healthy = sum(r["client"]["failed"] or 0 for r in healthy)
+    faulty = [r for r in data["rollouts"] if r["kind"] != "healthy"]
+    promoted = summary.get("healthy", {}).get("as_expected", 0)
+    lines += ["", f"In short: {promoted} of {len(healthy)} healthy RCs promoted, "
+                  f"every gate passing on evidence ({at_end} passes at a window's end); the sequential gates at 10% "
+                  f"decided in {min(first, default=0):.0f}-{max(first, default=0):.0f} s; clients saw "
+                  f"{failed_healthy} failed requests in the healthy rollouts. "
+                  f"{sum(r['status'] == 'rolled_back' for r in faulty)} of {len(faulty)} faulty RCs rolled back; "
+                  f"clients saw {sum(r['client']['failed'] or 0 for r in faulty)} failed requests in them "
+                  "(by rollout in the table below; for runs that recorded it, by serving deployment in the JSON)."]
     lines += ["", "Every rollout, in order (gate steps: each gate's final decision and when; `end` = passed at the "
                   "window's end without evidence of harm):", "",
               "| # | change | outcome | validate-10 | validate-50 | failed | client requests (failed) |",
