@@ -64,7 +64,7 @@ def one_rollout(runs_dir: Path, **params: Any) -> dict[str, Any]:
             "failed_gate": gate.group(1) if gate else None, "failure": message[:400], "gates": verdicts,
             "steps": {s["id"]: round(s["duration_s"] or 0.0, 1) for s in summary["steps"] if s["status"] != "skipped"},
             "client": {"sent": traffic.get("sent"), "failed": traffic.get("failed"),
-                       "failed_by_deployment": {d: c.get("failed") for d, c in per_deployment.items() if c.get("failed")}},
+                       "failed_by_deployment": {d: c["failed"] for d, c in per_deployment.items() if c.get("failed")}},
             "run_dir": str(result.run_dir)}
 
 
