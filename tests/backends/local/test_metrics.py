@@ -6,7 +6,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from saferollout.backends.local.daemon import admin_token
-from saferollout.backends.local.metrics import aggregate, grain_seconds, parse_filter
+from saferollout.backends.local.metrics import aggregate, aggregate_instances, grain_seconds, parse_filter
 from saferollout.errors import SpecError
 from saferollout.specs import EndpointSpec
 
@@ -170,3 +170,47 @@ def test_a_deleted_endpoint_takes_its_metrics_with_it(local_backend):
         assert local_backend.request_samples(endpoint, start=start, end=time.time() + 1) == []
     finally:
         local_backend.delete_endpoint(endpoint)
+
+
+# ---- instance metrics (Azure's deployment metrics, measured by the platform) ----------------------
+
+INSTANCE_ROWS = [(1.0, "ep", "blue", "blue-0", 10.0, 2.0), (3.0, "ep", "blue", "blue-0", 30.0, 2.2),
+                 (3.5, "ep", "blue", "blue-1", 50.0, 4.0), (7.0, "ep", "green", "green-0", 5.0, 1.0)]
+
+
+def test_instance_metrics_are_averaged_per_interval_and_an_interval_without_a_sample_has_no_data():
+    [blue] = aggregate_instances(INSTANCE_ROWS, "CpuUtilizationPercentage", "Average", "PT5S", 0, 15,
+                                 filter_text="deployment eq 'blue'")
+    assert values(blue) == [30.0, None, None]
+    split = aggregate_instances(INSTANCE_ROWS, "CpuMemoryUtilizationPercentage", "Maximum", "PT5S", 0, 10,
+                                split_by=["instanceId"])
+    assert {s["dimensions"]["instanceId"]: values(s) for s in split} == {
+        "blue-0": [2.2, None], "blue-1": [4.0, None], "green-0": [None, 1.0]}
+
+
+def test_a_deployment_metric_the_platform_does_not_measure_says_what_it_measures():
+    with pytest.raises(SpecError, match="GpuUtilizationPercentage is not measured by the local platform: it measures "
+                                        "CpuUtilizationPercentage and CpuMemoryUtilizationPercentage"):
+        aggregate_instances([], "GpuUtilizationPercentage", "Average", "PT1M", 0, 60)
+
+
+def test_the_platform_measures_each_instances_cpu_and_memory_so_the_seeds_memory_gate_runs(local_backend, served):
+    from saferollout.gates.base import GateContext
+    from saferollout.gates.threshold import ThresholdGate
+
+    endpoint, start, _ = served
+    deadline, memory = time.time() + 30, []
+    while time.time() < deadline and not memory:  # a sample every 5 s
+        time.sleep(1)
+        series = local_backend.query_metrics(endpoint, "CpuMemoryUtilizationPercentage", grain="PT5S", start=start,
+                                             end=time.time(), split_by=["instanceId"])
+        memory = [(s.dimensions["instanceId"], p.value) for s in series for p in s.points if p.value is not None]
+    assert memory and {name for name, _ in memory} <= {"blue-0", "broken-0"}
+    assert all(0 < value < 100 for _, value in memory)  # an azmlinfsrv holds tens of MB of this machine's memory
+    gate = ThresholdGate(name="memory", metric="CpuMemoryUtilizationPercentage", aggregation="Average",
+                         condition="lte", threshold=90, grain="PT10S", intervals=1, filter="deployment eq '{rc}'")
+    verdict = gate.check(GateContext(local_backend, endpoint, "blue", None, start, time.time()))
+    while verdict.decision == "inconclusive" and time.time() < deadline + 30:  # a complete 10 s interval
+        time.sleep(2)
+        verdict = gate.check(GateContext(local_backend, endpoint, "blue", None, start, time.time()))
+    assert verdict.decision == "pass", verdict.reason

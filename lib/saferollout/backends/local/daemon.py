@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import psutil
 import requests
 from aiohttp import web
 
 from saferollout.backends.local.gateway import DEFAULT_MAX_BODY_BYTES, DeploymentPool, EndpointRoute, Gateway, \
     issue_token
-from saferollout.backends.local.instances import Instance, InstanceConfig, free_port, tail
-from saferollout.backends.local.metrics import RequestLog, aggregate, validate_query
+from saferollout.backends.local.instances import Instance, InstanceConfig, free_port, group_members, tail
+from saferollout.backends.local.metrics import INSTANCE_METRICS, RequestLog, aggregate, aggregate_instances, validate_query
 from saferollout.backends.local.store import Store, new_key
 from saferollout.backends.local.workspace import PRIVATE_UMASK, private_home
 from saferollout.errors import BackendError, Conflict, NotFound, SafeRolloutError, SpecError
@@ -44,6 +45,7 @@ DEFAULT_HOME = ".saferollout"
 TOKEN_TTL_ENV = "SAFEROLLOUT_TOKEN_TTL_S"
 ROUTING_SEED_ENV = "SAFEROLLOUT_ROUTING_SEED"
 START_TIMEOUT_S = 120.0
+INSTANCE_SAMPLE_S = float(os.environ.get("SAFEROLLOUT_INSTANCE_SAMPLE_S", "5"))  # instance CPU and memory
 LOG_NAME = "platform.log"
 LOG_MAX_BYTES_ENV = "SAFEROLLOUT_LOG_MAX_BYTES"
 OUTPUT_NAME = "platform.out"  # the platform process's stdout and stderr, this start's only
@@ -163,6 +165,41 @@ class Platform:
         self.reconciled = False
         self.stopping = asyncio.Event()
         self.started_at = time.time()
+
+    # ---- instance metrics -------------------------------------------------------------------
+    async def sample_instances(self) -> None:
+        """Every INSTANCE_SAMPLE_S, the CPU and memory of each instance's processes (its gunicorn master and
+        workers), served as the deployment metrics Azure names CpuUtilizationPercentage and
+        CpuMemoryUtilizationPercentage."""
+        processes: dict[int, psutil.Process] = {}  # kept between samples: cpu_percent counts from the last call
+        while True:
+            await asyncio.sleep(INSTANCE_SAMPLE_S)
+            try:
+                rows = await asyncio.to_thread(self._instance_samples, processes)
+                await asyncio.to_thread(self.request_log.record_instances, rows)
+            except Exception as exc:  # a sample lost is no reason to stop measuring
+                log.warning("instance metrics: a sample was lost: %s", exc)
+
+    def _instance_samples(self, processes: dict[int, psutil.Process]) -> list[tuple]:
+        now, cpus, memory = time.time(), psutil.cpu_count() or 1, psutil.virtual_memory().total
+        rows, seen = [], set()
+        for (endpoint, name), runtime in list(self.runtimes.items()):
+            for inst in list(runtime.instances):
+                if inst.process is None or inst.process.returncode is not None:
+                    continue
+                cpu = rss = 0.0
+                for pid in group_members(inst.process.pid):
+                    seen.add(pid)
+                    try:
+                        proc = processes.setdefault(pid, psutil.Process(pid))
+                        cpu += proc.cpu_percent(None)
+                        rss += proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+                rows.append((now, endpoint, name, inst.name, cpu / cpus, 100.0 * rss / memory))
+        for pid in set(processes) - seen:
+            del processes[pid]
+        return rows
 
     # ---- routing table ----------------------------------------------------------------------
     def scoring_uri(self, endpoint: str) -> str:
@@ -546,8 +583,11 @@ def control_app(platform: Platform) -> web.Application:
         split_by = [s for s in q.get("split_by", "").split(",") if s]
         validate_query(q["metric"], q.get("aggregation", "Average"), split_by)
         start, end = float(q["start"]), float(q["end"])
-        rows = await asyncio.to_thread(p.request_log.rows, m(r)["endpoint"], start, end)
-        return await asyncio.to_thread(aggregate, rows, q["metric"], q.get("aggregation", "Average"),
+        instance_metric = q["metric"] in INSTANCE_METRICS
+        read, reduce = ((p.request_log.instance_rows, aggregate_instances) if instance_metric
+                        else (p.request_log.rows, aggregate))
+        rows = await asyncio.to_thread(read, m(r)["endpoint"], start, end)
+        return await asyncio.to_thread(reduce, rows, q["metric"], q.get("aggregation", "Average"),
                                        q.get("grain", "PT1M"), start, end, q.get("filter") or None, split_by)
 
     async def samples(r: web.Request) -> Any:
@@ -675,8 +715,10 @@ async def serve(home: Path, user_umask: int | None = None) -> int:
     tmp.write_text(json.dumps(info))
     tmp.replace(home / "platform.json")
     reconcile = asyncio.create_task(platform.reconcile())
+    sampler = asyncio.create_task(platform.sample_instances())
     await platform.stopping.wait()
     reconcile.cancel()
+    sampler.cancel()
     await platform.shutdown()
     await gateway_runner.cleanup()
     await control_runner.cleanup()

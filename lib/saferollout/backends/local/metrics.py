@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from saferollout.backends.base import AGGREGATIONS, METRIC_DIMENSIONS, METRIC_NAMES
+from saferollout.backends.base import AGGREGATIONS, DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, METRIC_NAMES
 from saferollout.errors import SpecError
 
 SCHEMA = """
@@ -34,7 +34,15 @@ CREATE TABLE IF NOT EXISTS mirrored_pairs (
     live_deployment TEXT NOT NULL, live_status INTEGER NOT NULL, live_body BLOB NOT NULL,
     mirror_deployment TEXT NOT NULL, mirror_status INTEGER NOT NULL, mirror_body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS pairs_by_time ON mirrored_pairs (endpoint, ts);
+CREATE TABLE IF NOT EXISTS instance_metrics (
+    ts REAL NOT NULL, endpoint TEXT NOT NULL, deployment TEXT NOT NULL, instance_id TEXT NOT NULL,
+    cpu_pct REAL NOT NULL, memory_pct REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS instance_metrics_by_time ON instance_metrics (endpoint, ts);
 """
+# The deployment metrics the platform measures itself, by their Azure names, and their column in
+# `instance_metrics`: CPU of the instance's processes as a share of the machine's, resident memory as a
+# share of its memory (Azure: of the instance's VM). The other Azure deployment metrics (GPU, disk) are not.
+INSTANCE_METRICS = {"CpuUtilizationPercentage": 4, "CpuMemoryUtilizationPercentage": 5}
 # Row order of `requests`, which is also the tuple the gateway records.
 RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned)
 RETENTION_S = 7 * 24 * 3600
@@ -238,6 +246,22 @@ class RequestLog:
     def delete_endpoint(self, endpoint: str) -> None:
         self._query("DELETE FROM requests WHERE endpoint=?", (endpoint,))
         self._query("DELETE FROM mirrored_pairs WHERE endpoint=?", (endpoint,))
+        self._query("DELETE FROM instance_metrics WHERE endpoint=?", (endpoint,))
+
+    def record_instances(self, rows: list[tuple]) -> None:
+        """(ts, endpoint, deployment, instance id, cpu %, memory %) rows: a few every few seconds, written now."""
+        if not rows:
+            return
+        with self._write_lock:
+            try:
+                self._writer.executemany("INSERT INTO instance_metrics VALUES (?,?,?,?,?,?)", rows)
+            except sqlite3.DatabaseError as exc:  # broken under us: a new log, as for requests
+                self._recover(exc)
+                self._writer.executemany("INSERT INTO instance_metrics VALUES (?,?,?,?,?,?)", rows)
+
+    def instance_rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
+        return self._query("SELECT ts, endpoint, deployment, instance_id, cpu_pct, memory_pct FROM instance_metrics "
+                           "WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
 
 
 # ---- filters ---------------------------------------------------------------------------------
@@ -413,11 +437,14 @@ def _value(metric: str, aggregation: str, grain_s: int, latencies: list[float], 
 
 
 def validate_query(metric: str, aggregation: str, split_by: Iterable[str]) -> tuple[str, ...]:
-    if metric not in METRIC_NAMES:
-        raise SpecError(f"unknown metric {metric!r}: choose one of {', '.join(METRIC_NAMES)}")
+    if metric in DEPLOYMENT_METRIC_DIMENSIONS and metric not in INSTANCE_METRICS:
+        raise SpecError(f"{metric} is not measured by the local platform: it measures "
+                        f"{' and '.join(INSTANCE_METRICS)} of each instance's processes")
+    if metric not in METRIC_NAMES and metric not in INSTANCE_METRICS:
+        raise SpecError(f"unknown metric {metric!r}: choose one of {', '.join((*METRIC_NAMES, *INSTANCE_METRICS))}")
     if aggregation not in AGGREGATIONS:
         raise SpecError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    dims = METRIC_DIMENSIONS[metric]
+    dims = METRIC_DIMENSIONS.get(metric) or DEPLOYMENT_METRIC_DIMENSIONS[metric]
     canonical = {d.lower(): d for d in dims}
     split = []
     for name in split_by:
@@ -461,6 +488,32 @@ def aggregate(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, 
         series.append({"metric": metric, "aggregation": aggregation, "grain": grain,
                        "dimensions": dict(zip(split, key)), "points": points})
     return series
+
+
+def aggregate_instances(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, start: float, end: float,
+                        filter_text: str | None = None, split_by: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Instance samples (`RequestLog.instance_rows`) as Azure-style series of `metric`, aligned buckets; an
+    interval without a sample is None (no data), never 0."""
+    split = validate_query(metric, aggregation, split_by)
+    node = parse_filter(filter_text, DEPLOYMENT_METRIC_DIMENSIONS[metric])
+    column, grain_s = INSTANCE_METRICS[metric], grain_seconds(grain)
+    first = math.floor(start / grain_s) * grain_s
+    n_buckets = max(1, math.ceil((end - first) / grain_s))
+    values: dict[tuple, list[list[float]]] = {}
+    for row in rows:
+        bucket = int((row[0] - first) // grain_s)
+        row_dims = {"deployment": row[2], "instanceId": row[3]}
+        if 0 <= bucket < n_buckets and node.matches(row_dims):
+            key = tuple(row_dims[d] for d in split)
+            values.setdefault(key, [[] for _ in range(n_buckets)])[bucket].append(float(row[column]))
+    if not split and not values:
+        values[()] = [[] for _ in range(n_buckets)]
+    reduce = {"Average": lambda v: sum(v) / len(v), "Minimum": min, "Maximum": max, "Total": sum,
+              "Count": len}[aggregation]
+    return [{"metric": metric, "aggregation": aggregation, "grain": grain, "dimensions": dict(zip(split, key)),
+             "points": [{"timestamp": first + i * grain_s, "value": reduce(b) if b else None}
+                        for i, b in enumerate(buckets)]}
+            for key, buckets in sorted(values.items())]
 
 
 def to_datetime(ts: float) -> datetime:
