@@ -63,6 +63,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     traffic_rows = "".join(
         f"<tr><td>{html.escape(dep)}</td><td>{c['sent']}</td><td>{c['ok']}</td><td>{c['failed']}</td></tr>"
         for dep, c in (traffic.get("per_deployment") or {}).items())
+    source = html.escape(str(traffic.get("description") or "no live traffic step ran"))
+    left_out = "".join(
+        f"<tr><td>{html.escape(step_id)}</td><td>{html.escape(str(g.get('name')))}</td>"
+        f"<td>{html.escape(str(g.get('reason')))}</td></tr>"
+        for step_id, gates in (summary.get("gates_left_out") or {}).items() for g in gates)
+    left_out_html = ("<h3>Gates left out</h3><table><tr><th>step</th><th>gate</th><th>why</th></tr>"
+                     f"{left_out}</table>") if left_out else ""
     params = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
                      for k, v in summary.get("parameters", {}).items())
     return f"""
@@ -77,7 +84,9 @@ exit code {summary.get('exit_code')}{' (first release)' if summary.get('first_re
 <h3>Gate verdicts</h3>
 <table><tr><th>step</th><th>gate</th><th>decision</th><th>reason</th></tr>{''.join(gate_rows) or
     '<tr><td colspan=4>no gates ran</td></tr>'}</table>
+{left_out_html}
 <h3>Live traffic (client side)</h3>
+<p class="sr-traffic-source">live traffic: {source}</p>
 <table><tr><th>served by</th><th>sent</th><th>ok</th><th>failed</th></tr>{traffic_rows or
     '<tr><td colspan=4>no live traffic</td></tr>'}</table>
 <h3>Parameters</h3><table>{params}</table>

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from saferollout.errors import SpecError
-from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
+from saferollout.runbook import (LIVE_TRAFFIC, Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
                                  resolve_parameters)
 
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
@@ -138,6 +138,7 @@ class Runner:
         self.results: list[StepResult] = []
         self.recorded: dict[str, dict[str, Any]] = {}
         self.traffic_proc: Any = None
+        self.traffic_source: dict[str, Any] | None = None  # which live traffic the gates judged (live_traffic)
         self.traffic_started_at: float | None = None
         self.started_at = time.time()
         self.only = only
@@ -165,9 +166,10 @@ class Runner:
         ctx = self.context(failure)
         try:
             if step.when and not evaluate(step.when, ctx):
-                result.status, result.skipped_because = "skipped", step.when
-                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped (when: {step.when})[/dim]",
-                                   highlight=False)
+                reason = str(resolve(step.skip_reason, ctx)) if step.skip_reason else f"when: {step.when}"
+                result.status, result.skipped_because = "skipped", reason
+                self.recorded[step.id] = {}
+                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped ({reason})[/dim]", highlight=False)
                 return result
             result.parameters = resolve(step.parameters, ctx)
         except SpecError as exc:
@@ -209,18 +211,39 @@ class Runner:
         return result
 
     # ---- live traffic ---------------------------------------------------------------------------------
+    def live_traffic(self) -> dict[str, Any]:
+        """Which live traffic the gates judge: `generator` (ours, replaying the request file or the credit
+        rows) or `none` (the traffic real clients send, the normal case on Azure)."""
+        settings = resolve(self.book.traffic, self.context())
+        source = str(settings.get("live_traffic") or "generator")
+        if source not in LIVE_TRAFFIC:
+            raise SpecError(f"live_traffic must be one of {', '.join(LIVE_TRAFFIC)}, got {source!r}")
+        if source == "none":
+            return {"source": "none", "endpoint": settings.get("endpoint"),
+                    "description": "none: no generator ran; the gates judged the traffic real clients sent"}
+        request_file = str(settings.get("request_file") or "")
+        replayed = request_file or "held-out German credit rows"
+        return {"source": "generator", "endpoint": settings.get("endpoint"), "rps": settings.get("rps"),
+                "request_file": request_file or None,
+                "description": f"generator: {settings.get('rps')} rps replaying {replayed}"}
+
     def start_traffic(self) -> None:
-        if self.traffic_proc is not None or not self.book.traffic:
+        if self.traffic_proc is not None or self.traffic_source is not None or not self.book.traffic:
             return
         from saferollout import traffic
 
         settings = resolve(self.book.traffic, self.context())
-        self.console.print(f"[cyan]~~ live traffic: {settings.get('rps')} rps to {settings.get('endpoint')}[/cyan]")
+        self.traffic_source = self.live_traffic()
+        self.console.print(f"[cyan]~~ live traffic to {settings.get('endpoint')}: "
+                           f"{self.traffic_source['description']}[/cyan]", highlight=False)
+        if self.traffic_source["source"] == "none":
+            return
         self.traffic_started_at = time.time()
         self.traffic_proc = traffic.start_background(
             str(settings["endpoint"]), float(settings.get("rps") or 10), duration_s=None,
             results_path=self.run_dir / "traffic.jsonl", backend=str(settings.get("backend") or "local"),
-            home=os.environ.get("SAFEROLLOUT_HOME"), stop_with_pid=os.getpid())
+            home=os.environ.get("SAFEROLLOUT_HOME"), stop_with_pid=os.getpid(),
+            request_file=self.traffic_source.get("request_file"))
 
     def stop_orphaned_traffic(self) -> None:
         """A run killed while its live traffic flowed left the generator running: stop it before resuming."""
@@ -234,7 +257,7 @@ class Runner:
 
     def stop_traffic(self) -> dict[str, Any] | None:
         if self.traffic_proc is None:
-            return None
+            return dict(self.traffic_source) if self.traffic_source else None
         from saferollout import traffic
 
         result = traffic.stop_background(self.traffic_proc)
@@ -246,7 +269,7 @@ class Runner:
         summary = result.to_dict() if result is not None else {}
         summary["per_deployment"] = client_outcomes(path)
         summary["results_file"] = path.name
-        return summary
+        return {**(self.traffic_source or {}), **summary}
 
     def reclaim_lock(self) -> None:
         """A continued run (resumed, or the next CI job) holds its rollout lock as this runner process."""
@@ -356,6 +379,7 @@ class Runner:
             "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in results},
             "gates": {step: {"decision": g.get("decision"),
                              "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
+            "gates_left_out": {r.id: r.records["gates_left_out"] for r in results if r.records.get("gates_left_out")},
             "failure": failure, "traffic": traffic_summary or self.previous["traffic"], "python": sys.executable,
         }
 

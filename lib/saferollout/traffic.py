@@ -117,7 +117,8 @@ def load_request_bodies(path: str | Path) -> list[bytes]:
             body = json.loads(line)
         except ValueError as exc:
             where = f" line {number}" if number else ""
-            hint = "" if number or path.suffix == ".jsonl" else " (one body per line? name the file .jsonl)"
+            several = not number and "Extra data" in str(exc)
+            hint = " (one body per line? name the file .jsonl)" if several else ""
             raise SpecError(f"request_file {str(path)!r}{where} is not JSON: {exc}{hint}") from None
         bodies.append(json.dumps(body).encode())
     if not bodies:
