@@ -18,8 +18,8 @@ log = logging.getLogger("diabetes-regression")
 def init():
     global model
     root = Path(os.environ.get("AZUREML_MODEL_DIR", "."))
-    # a folder model appears under its folder name, a file model directly under AZUREML_MODEL_DIR
-    path = next((p for p in (root / "model" / "model.joblib", root / "model.joblib") if p.is_file()), None)
+    # a folder model appears under its folder's name (as on Azure), a file model directly under AZUREML_MODEL_DIR
+    path = next(iter(sorted(root.glob("**/model.joblib"))), None)
     if path is None:
         raise FileNotFoundError(f"model.joblib not found under {root}")
     model = joblib.load(path)
