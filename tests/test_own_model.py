@@ -95,7 +95,7 @@ def test_a_regression_model_with_its_own_files_rolls_out_and_a_constant_model_ro
         assert faulty.exit_code == 1 and faulty.status == "rolled_back"
         assert summary["failure"]["step"] == "validate-50" and summary["failure"]["ename"] == "GateFailed"
         agreement = next(v for v in summary["gates"]["validate-50"]["verdicts"] if v["gate"] == "prediction-agreement")
-        assert agreement["decision"] == "fail" and "agreement below 80.0%" in agreement["reason"]
+        assert agreement["decision"] == "fail" and "agreement below 95.0%" in agreement["reason"]  # the gate default
         after = rollout.read_state(local_backend, endpoint)
         assert after.prod == state.prod and after.traffic.get(state.prod) == 100 and after.lock is None
         assert after.failed_rc == summary["records"]["deploy"]["rc"]
