@@ -540,3 +540,28 @@ def test_the_users_files_are_passed_on_by_absolute_path(tmp_path, monkeypatch):
                                        "request_file": "examples/diabetes-regression/requests.jsonl"})
     assert values["deployment_file"] == str(ROOT / "examples" / "diabetes-regression" / "deployment.yml")
     assert values["request_file"] == str(ROOT / "examples" / "diabetes-regression" / "requests.jsonl")
+
+
+def test_a_record_shows_one_short_line_in_the_notebook():
+    from saferollout.runbook import one_line
+
+    report = {"decision": "pass", "verdicts": [{"gate": "g", "evidence": {"x": list(range(50))}}] * 4,
+              "started_at": 1764230000.5, "reason": "r" * 80}
+    shown = one_line(report)
+    assert shown.startswith('{decision: "pass", verdicts: [4 items], started_at: 1764230000.5, reason: "rrr')
+    assert len(shown) <= 100 and "\n" not in shown
+    assert one_line({"n": 5}) == '{"n": 5}' and one_line("x" * 200).endswith("...")
+
+
+def test_the_kernels_own_output_goes_to_the_run_directory_not_the_console(tmp_path):
+    import subprocess
+    import sys
+
+    book = write_runbook(tmp_path, BASIC)
+    proc = subprocess.run([sys.executable, "-m", "saferollout.runbook", str(book), "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "first | echo hi" in proc.stderr  # cell output still shows, under the step's id
+    assert "[IPKernelApp]" not in proc.stderr + proc.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "[IPKernelApp]" in (run_dir / "kernels.log").read_text()  # ipykernel's TCP warning, kept for reading

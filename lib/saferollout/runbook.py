@@ -65,8 +65,27 @@ def record(name: str, value: Any) -> Any:
     from IPython.display import display
 
     payload = {"name": str(name), "value": json.loads(json.dumps(value, default=str))}
-    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {payload['value']!r}"}, raw=True)
+    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {one_line(payload['value'])}"}, raw=True)
     return value
+
+
+def one_line(value: Any, width: int = 100) -> str:
+    """A value as one line of at most `width` characters: what a reader of a notebook sees of a record (the
+    whole value is in the record itself, and in summary.json)."""
+    if isinstance(value, dict) and len(json.dumps(value)) > width:
+        text = "{" + ", ".join(f"{k}: {_brief(v)}" for k, v in value.items()) + "}"
+    else:
+        text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    text = json.dumps(value)
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def read_records(notebook: Any) -> dict[str, Any]:

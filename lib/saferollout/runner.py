@@ -99,6 +99,25 @@ class _Echo:
         pass
 
 
+KERNEL_LOG = "kernels.log"
+
+
+def kernel_manager_for(run_dir: Path) -> type:
+    """A kernel manager class whose kernel processes write their own output (ipykernel's warning that it
+    talks TCP without encryption, the output of processes a kernel starts) to `run_dir/kernels.log` instead
+    of the runner's console. Cell output is not affected: it reaches the console through papermill."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    log_path = Path(run_dir) / KERNEL_LOG
+
+    class RunKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            with log_path.open("ab") as log:
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+
+    return RunKernelManager
+
+
 def new_run_dir(runs_dir: str | Path, name: str) -> Path:
     """runs/<UTC timestamp>-<runbook>, made unique if two runs start within the same second."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -192,7 +211,8 @@ class Runner:
         try:
             papermill.execute_notebook(str(step.notebook), str(output), parameters=result.parameters,
                                        kernel_name=self.kernel_name, progress_bar=False, stdout_file=sink,
-                                       stderr_file=sink, cwd=str(step.notebook.parent))
+                                       stderr_file=sink, cwd=str(step.notebook.parent),
+                                       kernel_manager_class=kernel_manager_for(self.run_dir))
             result.status = "ok"
         except Exception as exc:  # noqa: BLE001 (any failure of a step is recorded, then on_failure runs)
             result.status, result.error = "failed", _failure(step, exc)
