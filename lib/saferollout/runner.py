@@ -25,6 +25,7 @@ from saferollout.runbook import (LIVE_TRAFFIC, Runbook, Step, evaluate, load_run
                                  resolve_parameters)
 
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
+PROD_RECORD = "prod"  # the deploy step records the endpoint's PROD: the run deployed something to draw
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
 STATUS_IN_PROGRESS = "in_progress"  # a run continued step by step, with steps still to come
 STATUS_RUNNING = "running"  # written after each step while the run goes on (a killed run keeps it)
@@ -349,13 +350,30 @@ class Runner:
 
         write_summary(self.run_dir, summary)
         try:
-            write_report(self.run_dir, summary)
+            write_report(self.run_dir, summary, self.timeline(summary))
         except Exception as exc:  # noqa: BLE001 (the run's outcome stands even if rendering fails)
             self.console.print(f"[yellow]report.html not written: {exc}[/yellow]")
         colour = "green" if status in (STATUS_COMPLETED, STATUS_IN_PROGRESS) else "red"
         self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
                            f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
         return RunResult(self.run_dir, status, summary)
+
+    def timeline(self, summary: dict[str, Any]) -> str:
+        """The report's rollout timeline, from the endpoint's metrics over the run; empty (with a note on the
+        console) when the runbook names no endpoint or its metrics cannot be read."""
+        if not self.book.traffic or not any(PROD_RECORD in r.records for r in self.merged_results()):
+            return ""  # nothing was deployed by this run: no endpoint to draw (nor a platform to start)
+        from saferollout import get_backend
+        from saferollout.report import rollout_timeline
+
+        settings = resolve(self.book.traffic, self.context())
+        try:
+            backend = get_backend(str(settings.get("backend") or "local"))
+            grain = "PT5S" if backend.name == "local" else "PT1M"
+            return rollout_timeline(backend, str(settings["endpoint"]), summary, grain)
+        except Exception as exc:  # noqa: BLE001 (the report is written without it)
+            self.console.print(f"[yellow]no rollout timeline in report.html: {exc}[/yellow]", highlight=False)
+            return ""
 
     def earlier_failure(self) -> dict[str, Any] | None:
         """A resumed run (not step by step) whose earlier invocation had a step fail: that failure, so the run
