@@ -188,3 +188,30 @@ def test_request_bodies_are_your_file_or_the_credit_rows(tmp_path):
     assert pipeline.request_bodies(str(OWN_EXAMPLE / "requests.jsonl"))[0].startswith(b'{"data": [[0.019913')
     assert len(pipeline.request_bodies(str(OWN_EXAMPLE / "requests.jsonl"))) == 40
     assert len(pipeline.request_bodies("", 3)) == 3
+
+
+def test_a_deployment_log_leaves_out_the_per_request_lines_and_counts_them():
+    log = ["2026-12-01 22:36:01,1 I [1] azmlinfsrv - init() failed: ValueError: bad model"]
+    log += [f'2026-12-01 22:36:09,9 I [6013] gunicorn.access - 127.0.0.1 - - [..] "POST /score HTTP/1.0" 200 20 "-"',
+              "2026-12-01 22:36:10,0 I [6013] azmlinfsrv - POST /score 200 0.359ms 20"] * 50
+
+    class Logs:
+        def get_deployment_logs(self, endpoint, deployment, lines=100):
+            return "\n".join(["---- instance-0", *log][-lines:])
+
+    shown = pipeline.deployment_log(Logs(), "ep", "blue", lines=30)
+    assert shown.splitlines() == ["---- instance-0", log[0], "(100 per-request lines left out)"]
+
+
+def test_the_runners_console_does_not_echo_per_request_lines():
+    import io
+
+    from rich.console import Console
+
+    from saferollout.runner import _Echo
+
+    out = io.StringIO()
+    sink = _Echo(Console(file=out, width=200), "rollback", True)
+    sink.write('x gunicorn.access - 127.0.0.1 "POST /score HTTP/1.0" 200\nazmlinfsrv - POST /score 200 0.3ms\n'
+               "last lines of the failed RC's log:\n")
+    assert out.getvalue() == "  rollback | last lines of the failed RC's log:\n"

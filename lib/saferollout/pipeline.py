@@ -404,6 +404,18 @@ def rollback(backend: Backend, endpoint_name: str, reason: str, run_id: str = ""
     return before, rollout.rollback(backend, endpoint_name, reason)
 
 
+def deployment_log(backend: Backend, endpoint_name: str, deployment: str, lines: int = 30) -> str:
+    """The last `lines` lines of a deployment's log that say something: its per-request lines (thousands
+    under live traffic) are left out, and counted, so init() errors and tracebacks stay in view."""
+    from saferollout.runner import REQUEST_LOG_LINE
+
+    text = backend.get_deployment_logs(endpoint_name, deployment, lines=max(lines * 40, 1000))
+    kept = [line for line in text.splitlines() if not REQUEST_LOG_LINE.search(line)]
+    dropped = len(text.splitlines()) - len(kept)
+    note = [f"({dropped} per-request lines left out)"] if dropped else []
+    return "\n".join(kept[-lines:] + note)
+
+
 def start_demo(backend: Backend, endpoint_name: str, *, rc_percent: int | None = None, fault: str = "none",
                model_name: str = "credit-model-demo", promote: bool = False,
                progress: Any = print) -> rollout.RolloutState:

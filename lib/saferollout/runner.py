@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from saferollout.errors import SpecError
 from saferollout.runbook import (LIVE_TRAFFIC, Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
                                  resolve_parameters)
 
+REQUEST_LOG_LINE = re.compile(r"gunicorn\.access|azmlinfsrv - (GET|POST|HEAD) /")  # a model server's per-request line
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
 PROD_RECORD = "prod"  # the deploy step records the endpoint's PROD: the run deployed something to draw
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
@@ -83,7 +85,8 @@ def _load_previous(run_dir: Path) -> dict[str, Any]:
 
 
 class _Echo:
-    """A file-like sink for papermill's stdout/stderr: prints kernel output lines under the step's id."""
+    """A file-like sink for papermill's stdout/stderr: prints kernel output lines under the step's id, but
+    not the inference server's per-request lines a notebook may show (they stay in the notebook)."""
 
     def __init__(self, console: Console, step_id: str, enabled: bool):
         self.console, self.step_id, self.enabled, self._buffer = console, step_id, enabled, ""
@@ -92,7 +95,7 @@ class _Echo:
         self._buffer += text
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
-            if self.enabled and line.strip():
+            if self.enabled and line.strip() and not REQUEST_LOG_LINE.search(line):
                 self.console.print(Text.assemble((f"  {self.step_id} | ", "dim"), line), soft_wrap=True)
         return len(text)
 
