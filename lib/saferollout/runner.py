@@ -112,7 +112,7 @@ def kernel_manager_for(run_dir: Path) -> type:
     of the runner's console. Cell output is not affected: it reaches the console through papermill."""
     from jupyter_client.manager import AsyncKernelManager
 
-    log_path = Path(run_dir) / KERNEL_LOG
+    log_path = (Path(run_dir) / KERNEL_LOG).resolve()  # papermill runs the kernel from the notebook's folder
 
     class RunKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
