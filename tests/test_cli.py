@@ -814,3 +814,12 @@ def test_an_az_ml_script_runs_with_az_ml_replaced_by_saferollout(platform_home, 
     finally:
         if endpoint in [e.name for e in local_backend.list_endpoints()]:
             local_backend.delete_endpoint(endpoint)
+
+
+def test_model_create_refuses_a_misspelled_field_and_registers_nothing(sr, local_backend, credit_model_dir):
+    model = f"cli-model-{uuid.uuid4().hex[:8]}"
+    run = sr("model", "create", "-n", model, "-p", credit_model_dir, "--set", "versoin=7")
+    assert run.code == 2
+    assert run.error_line == ("error: model create: unknown field(s) versoin (did you mean version?); known: "
+                              "description, name, path, properties, tags, type, version")
+    assert local_backend.list_models(model) == []

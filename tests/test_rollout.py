@@ -73,8 +73,8 @@ def assert_safe(backend, endpoint: str) -> RolloutState:
     for name, percent in state.traffic.items():
         if percent > 0:
             assert state.deployments.get(name) == "Succeeded", f"traffic on {name}: {state.describe()}"
-            assert name in (state.prod, state.rc), f"traffic on a deployment that is neither PROD nor RC: " \
-                                                   f"{state.describe()}"
+            assert name in (state.prod, state.rc, state.baseline), \
+                f"traffic on a deployment that is neither PROD, RC nor baseline: {state.describe()}"
     for name in state.mirror_traffic:
         assert state.deployments.get(name) == "Succeeded", state.describe()
     return state
@@ -532,3 +532,51 @@ def test_rollout_rollback_command_releases_the_lock(local_backend, endpoint, cap
     rollout.acquire_lock(local_backend, endpoint, "ci", "run-4")
     assert cli.main(["rollout", "rollback", "-n", endpoint, "--reason", "operator said so"]) == 0
     assert json.loads(capsys.readouterr().out)["lock"] is None
+
+
+# ---- the baseline: PROD's model deployed afresh beside the RC --------------------------------------
+
+def _candidate_with_baseline(backend, endpoint, spec, models):
+    rollout.deploy_candidate(backend, endpoint, spec, models[1])
+    return rollout.deploy_baseline(backend, endpoint, spec)
+
+
+def test_a_baseline_serves_prods_model_takes_the_rcs_share_and_goes_at_the_promotion(
+        local_backend, released, spec, models, bodies):
+    state = _candidate_with_baseline(local_backend, released, spec, models)
+    assert state.baseline == "baseline" and state.control == "baseline"
+    assert state.models["baseline"] == state.prod_model == rollout.resolve_model_ref(local_backend, models[0])
+    assert rollout.smoke_test(local_backend, released, state.rc, bodies).ok
+    rollout.mark_smoke_tested(local_backend, released)
+    state = rollout.shift_traffic(local_backend, released, 10)
+    assert state.traffic == {"blue": 80, "green": 10, "baseline": 10}
+    assert_safe(local_backend, released)
+    assert rollout.shift_traffic(local_backend, released, 50).traffic == {"blue": 0, "green": 50, "baseline": 50}
+    with pytest.raises(Conflict, match="with the baseline 'baseline' taking the same share, each can have at most "
+                                       "50% before the promotion"):
+        rollout.shift_traffic(local_backend, released, 60)
+    state = rollout.promote(local_backend, released)
+    assert state.phase == Phase.PROMOTED and state.baseline is None
+    assert "baseline" not in state.deployments and state.traffic == {"green": 100, "blue": 0}
+    assert rollout.BASELINE_TAG not in local_backend.get_endpoint(released).tags
+
+
+def test_a_rollback_removes_the_baseline_and_gives_prod_everything(local_backend, released, spec, models, bodies):
+    state = _candidate_with_baseline(local_backend, released, spec, models)
+    rollout.mark_smoke_tested(local_backend, released)
+    rollout.shift_traffic(local_backend, released, 10)
+    state = rollout.rollback(local_backend, released, "gate failed")
+    assert state.phase == Phase.ROLLED_BACK and state.baseline is None and "baseline" not in state.deployments
+    assert state.traffic == {"blue": 100, "green": 0}
+    assert rollout.rollback(local_backend, released, "again").phase == Phase.ROLLED_BACK  # idempotent
+
+
+def test_a_baseline_is_deployed_beside_an_rc_at_zero_only(local_backend, released, spec):
+    with pytest.raises(Conflict, match=r"a baseline is deployed beside an RC at 0%, but '.*' is in phase STABLE"):
+        rollout.deploy_baseline(local_backend, released, spec)
+
+
+def test_deploying_the_baseline_again_reuses_it(local_backend, released, spec, models):
+    first = _candidate_with_baseline(local_backend, released, spec, models)
+    again = rollout.deploy_baseline(local_backend, released, spec)
+    assert again.baseline == first.baseline and again.deployments["baseline"] == "Succeeded"

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import os
@@ -637,6 +638,10 @@ def _model_version(text: str | None) -> int | None:
     return int(text)
 
 
+# the fields of a model an `az ml model create` YAML or --set may give
+MODEL_KEYS = {"name", "path", "version", "description", "tags", "properties", "type"}
+
+
 def _model_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.file:
@@ -652,7 +657,13 @@ def _model_data(args: argparse.Namespace) -> dict[str, Any]:
     for text in args.tags:
         keys, value = parse_assignment(text, "--tags")
         data.setdefault("tags", {})[".".join(keys)] = value
-    return apply_set(data, args.set)
+    data = apply_set(data, args.set)
+    unknown = sorted(set(data) - MODEL_KEYS)
+    if unknown:  # `--set versoin=7` must not register version 1 quietly
+        hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, MODEL_KEYS, 1))
+                 else key for key in unknown]
+        raise UsageError(f"model create: unknown field(s) {', '.join(hints)}; known: {', '.join(sorted(MODEL_KEYS))}")
+    return data
 
 
 def model_create(args: argparse.Namespace, backend: Callable[[], Any]) -> int:

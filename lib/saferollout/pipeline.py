@@ -153,13 +153,16 @@ def request_bodies(request_file: str = "", n: int = 5) -> list[bytes]:
 
 
 def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str = "none", run_id: str = "",
-           deployment_file: str = "", endpoint_file: str = "", progress: Any = print) -> dict[str, Any]:
+           deployment_file: str = "", endpoint_file: str = "", baseline: bool = False,
+           progress: Any = print) -> dict[str, Any]:
     """The deploy step: endpoint if missing, the rollout lock, then first release or an RC at 0%.
 
-    Returns what the notebook records: first_release, prod, rc, model, phase. A fault applies to a release
-    candidate only: a first release always deploys healthy. A first release (or a model PROD already
-    serves) ends the rollout here, so the lock is released. The deployment and endpoint files are read
-    (and refused when wrong) before anything changes.
+    Returns what the notebook records: first_release, prod, rc, baseline, model, phase. A fault applies to a
+    release candidate only: a first release always deploys healthy. A first release (or a model PROD
+    already serves) ends the rollout here, so the lock is released. With `baseline`, PROD's model is
+    deployed afresh beside the RC (same code and settings: the same deployment file), and the gates compare
+    the RC with it. The deployment and endpoint files are read (and refused when wrong) before anything
+    changes.
     """
     spec = candidate_spec(endpoint_name, model_ref, fault, deployment_file=deployment_file)
     endpoint = endpoint_spec(endpoint_name, endpoint_file=endpoint_file, deployment_file=deployment_file)
@@ -174,7 +177,11 @@ def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str =
     nothing_to_roll_out = first_release or state.rc is None
     if nothing_to_roll_out:
         rollout.release_lock(backend, endpoint_name)
-    return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc,
+    elif baseline:
+        assert state.prod_model is not None
+        same_code = candidate_spec(endpoint_name, state.prod_model, deployment_file=deployment_file)
+        state = rollout.deploy_baseline(backend, endpoint_name, same_code, progress=progress)
+    return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc, "baseline": state.baseline,
             "model": rollout.resolve_model_ref(backend, model_ref), "phase": state.phase.value}
 
 
@@ -192,25 +199,34 @@ def smoke(backend: Backend, endpoint_name: str, deployment: str, n: int = 5, *, 
 
 
 def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50, request_file: str = "") -> dict[str, Any]:
-    """Warm the smoke-tested RC with `n` requests pinned to it (the request file's bodies in turn, or held-out
-    credit rows), before any live traffic.
+    """Warm the smoke-tested RC (and the baseline, if any) with `n` requests pinned to each (the request
+    file's bodies in turn, or held-out credit rows), before any live traffic.
 
     A freshly started process answers its first requests more slowly (imports, caches, lazy model state)
     than PROD, which has been serving for a while; the latency gates compare like with like once it is
     warm. The requests go through the deployment header, so the platform marks them pinned and no gate
-    counts them as live traffic. Returns the latencies of the first and last tenth, and the failures.
+    counts them as live traffic. Returns, for the RC, the median latencies of the first and last tenth
+    and the failures (`baseline`: the same for the baseline).
     """
     if n <= 0:
         return {"n": 0, "failed": 0}
     bodies = request_bodies(request_file, min(n, 50))
-    latencies, failed = [], 0
-    for i in range(n):
-        result = backend.invoke(endpoint_name, bodies[i % len(bodies)], deployment=rc, timeout_s=30.0)
-        latencies.append(result.latency_ms)
-        failed += not result.ok
-    tenth = max(1, n // 10)
-    return {"n": n, "failed": failed, "first_ms": float(np.median(latencies[:tenth])),
-            "last_ms": float(np.median(latencies[-tenth:]))}
+    baseline = rollout.read_state(backend, endpoint_name).baseline
+
+    def warm(deployment: str) -> dict[str, Any]:
+        latencies, failed = [], 0
+        for i in range(n):
+            result = backend.invoke(endpoint_name, bodies[i % len(bodies)], deployment=deployment, timeout_s=30.0)
+            latencies.append(result.latency_ms)
+            failed += not result.ok
+        tenth = max(1, n // 10)
+        return {"n": n, "failed": failed, "first_ms": float(np.median(latencies[:tenth])),
+                "last_ms": float(np.median(latencies[-tenth:]))}
+
+    outcome = warm(rc)
+    if baseline:
+        outcome["baseline"] = warm(baseline)
+    return outcome
 
 
 # ---- gates -------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ Endpoint tags (the state):
     PROD_DEPLOYMENT        the deployment serving production
     RC_DEPLOYMENT          the release candidate, from its creation until promotion or rollback
     OLD_PROD_DEPLOYMENT    the former PROD after a promotion, kept at 0% for a rollback until the bake gate
+    BASELINE_DEPLOYMENT    with `baseline`: a fresh deployment of PROD's model beside the RC, taking the same
+                           share of traffic, which the gates compare the RC with; removed at promotion
+                           and at rollback
     ROLLOUT_LOCK           {"owner", "since", "run"} while a rollout runs
     RC_SMOKE_TESTED        the RC's name once its smoke test passed (its traffic may grow from then on)
     RC_GATES_PASSED        "10,50": the RC's traffic steps whose gate passed (so a resumed run skips them)
@@ -51,8 +54,9 @@ FAILED_RC_TAG = "FAILED_RC_DEPLOYMENT"  # the RC a rollback (or a failed start) 
 ROLLBACK_REASON_TAG = "ROLLBACK_REASON"
 SMOKE_TESTED_TAG = "RC_SMOKE_TESTED"  # value: the RC's name, once its smoke test passed
 GATES_PASSED_TAG = "RC_GATES_PASSED"  # value: "10,50": traffic percentages whose gate passed for this RC
+BASELINE_TAG = "BASELINE_DEPLOYMENT"  # a fresh copy of PROD's model the RC is compared with (optional)
 ROLLOUT_TAGS = (PROD_TAG, OLD_PROD_TAG, RC_TAG, LOCK_TAG, FAILED_RC_TAG, ROLLBACK_REASON_TAG,
-                SMOKE_TESTED_TAG, GATES_PASSED_TAG)
+                SMOKE_TESTED_TAG, GATES_PASSED_TAG, BASELINE_TAG)
 
 # Deployment tags (set when the deployment is created).
 ROLE_TAG = "role"  # the role the deployment was created for: "prod" (first release) or "rc"
@@ -60,6 +64,7 @@ MODEL_TAG = "model"  # the model reference it serves, resolved to a version
 FINGERPRINT_TAG = "fingerprint"  # hash of what it runs: model, code, environment variables, sizing
 
 DEPLOYMENT_NAMES = ("blue", "green")  # the RC takes the name PROD does not use
+BASELINE_NAME = "baseline"
 DEPLOY_TIMEOUT_S = float(os.environ.get("SAFEROLLOUT_DEPLOY_TIMEOUT_S", "900"))
 LOCK_SETTLE_S = 0.5  # pause between writing the lock and reading it back (see acquire_lock)
 MAX_TAG_CHARS = 256  # Azure's limit for a tag value
@@ -99,6 +104,12 @@ class RolloutState:
     smoke_tested: bool = False
     gates_passed: list[int] = field(default_factory=list)
     rollback_reason: str | None = None
+    baseline: str | None = None
+
+    @property
+    def control(self) -> str | None:
+        """What the gates compare the RC with: the baseline when there is one (both fresh), else PROD."""
+        return self.baseline or self.prod
 
     @property
     def prod_model(self) -> str | None:
@@ -117,6 +128,8 @@ class RolloutState:
         """One line for logs and notebooks."""
         split = " ".join(f"{k}={v}" for k, v in sorted(self.traffic.items())) or "no traffic"
         parts = [f"{self.endpoint}: {self.phase.value}", f"PROD={self.prod or '-'}", f"RC={self.rc or '-'}"]
+        if self.baseline:
+            parts.append(f"BASELINE={self.baseline}")
         if self.old_prod:
             parts.append(f"OLD_PROD={self.old_prod}")
         if self.failed_rc:
@@ -159,6 +172,8 @@ def _derive(ep: Endpoint, deployments: dict[str, Deployment]) -> RolloutState:
     if prod is None:
         state.failed_rc = failed
         return state
+    baseline = existing(BASELINE_TAG)
+    state.baseline = baseline if baseline not in (prod, rc) else None
     if rc is not None and rc != prod:
         state.rc = rc
         state.rc_percent = traffic.get(rc, 0)
@@ -418,16 +433,8 @@ def deploy_candidate(backend: Backend, endpoint: str, spec: DeploymentSpec, mode
 def _first_release(backend: Backend, state: RolloutState, deployments: dict[str, Deployment],
                    spec: DeploymentSpec, model: str, fingerprint: str, progress: Progress | None) -> RolloutState:
     endpoint, name = state.endpoint, DEPLOYMENT_NAMES[0]
-    existing = deployments.get(name)
-    if existing is not None and (existing.tags.get(FINGERPRINT_TAG) != fingerprint
-                                 or existing.provisioning_state == "Failed"):
-        _say(progress, f"{endpoint}: deleting {name} ({existing.provisioning_state}) before the first release")
-        _delete(backend, endpoint, name, state)
-        existing = None
-    if existing is None:
-        _say(progress, f"{endpoint}: first release: creating {name} with {model}")
-        backend.create_deployment(_tagged(spec, endpoint, name, model, fingerprint, "prod"), wait=False,
-                                  progress=progress)
+    prod_spec = _tagged(spec, endpoint, name, model, fingerprint, "prod")
+    _create_unless_there(backend, state, deployments.get(name), prod_spec, "the first release", progress)
     try:
         _wait(backend, endpoint, name, progress)
     except DeploymentFailed as exc:
@@ -440,6 +447,21 @@ def _first_release(backend: Backend, state: RolloutState, deployments: dict[str,
                          GATES_PASSED_TAG))
     _say(progress, f"{endpoint}: first release: {name} is PROD at 100%")
     return read_state(backend, endpoint)
+
+
+def _create_unless_there(backend: Backend, state: RolloutState, existing: Deployment | None, spec: DeploymentSpec,
+                         purpose: str, progress: Progress | None) -> None:
+    """Create `spec` (tagged), unless a deployment of the same fingerprint is there and not failed (a re-run
+    reuses it); a different or failed one under that name is deleted first."""
+    endpoint, name = state.endpoint, spec.name
+    if existing is not None and (existing.tags.get(FINGERPRINT_TAG) != spec.tags[FINGERPRINT_TAG]
+                                 or existing.provisioning_state == "Failed"):
+        _say(progress, f"{endpoint}: deleting {name} ({existing.provisioning_state}) before {purpose}")
+        _delete(backend, endpoint, name, state)
+        existing = None
+    if existing is None:
+        _say(progress, f"{endpoint}: {purpose}: creating {name} with {spec.model}")
+        backend.create_deployment(spec, wait=False, progress=progress)
 
 
 def _wait_for_rc(backend: Backend, endpoint: str, name: str, progress: Progress | None) -> RolloutState:
@@ -691,10 +713,17 @@ def shift_traffic(backend: Backend, endpoint: str, percent: int) -> RolloutState
         raise Conflict(f"cannot shift traffic on {endpoint!r} in phase {state.phase.value}{hint}")
     assert state.prod is not None and state.rc is not None
     target = {state.prod: 100 - percent, state.rc: percent}
+    if state.baseline:  # the baseline takes the RC's share, so both new deployments see the same load
+        if 2 * percent > 100:
+            raise Conflict(f"cannot give the RC {percent}% on {endpoint!r}: with the baseline {state.baseline!r} "
+                           "taking the same share, each can have at most 50% before the promotion")
+        target = {state.prod: 100 - 2 * percent, state.rc: percent, state.baseline: percent}
     if all(state.traffic.get(k, 0) == v for k, v in target.items()) and sum(state.traffic.values()) == 100:
         return state
     if percent > state.rc_percent:  # growing the RC's share needs a ready RC; shrinking it never waits
         _require_succeeded(state, state.rc)
+        if state.baseline:
+            _require_succeeded(state, state.baseline)
     traffic = {name: 0 for name in state.traffic}
     traffic.update(target)
     # a deployment with live traffic cannot also be mirrored to
@@ -719,7 +748,7 @@ def promote(backend: Backend, endpoint: str) -> RolloutState:
     _update(backend, endpoint, traffic=traffic, mirror={} if state.mirror_traffic else None,
             set_tags={PROD_TAG: state.rc, OLD_PROD_TAG: state.prod},
             remove_tags=(RC_TAG, SMOKE_TESTED_TAG, GATES_PASSED_TAG))
-    return read_state(backend, endpoint)
+    return remove_baseline(backend, endpoint)
 
 
 def delete_old_prod(backend: Backend, endpoint: str) -> RolloutState:
@@ -734,6 +763,7 @@ def delete_old_prod(backend: Backend, endpoint: str) -> RolloutState:
                            f"{state.traffic[old]}% live traffic")
         _delete(backend, endpoint, old, state)
         state = read_state(backend, endpoint)
+    state = remove_baseline(backend, endpoint)  # a promotion killed before it removed the baseline
     stale = backend.get_endpoint(endpoint).tags.get(OLD_PROD_TAG) if state.phase != Phase.NO_ENDPOINT else None
     if stale and stale not in state.deployments:  # deleted above, or by a run killed before untagging
         _update(backend, endpoint, remove_tags=(OLD_PROD_TAG,))
@@ -771,6 +801,53 @@ def rollback(backend: Backend, endpoint: str, reason: str) -> RolloutState:
             traffic = target
     _update(backend, endpoint, traffic=traffic, mirror={} if state.mirror_traffic else None,
             set_tags=set_tags, remove_tags=tuple(remove))
+    return remove_baseline(backend, endpoint)
+
+
+# ---- the baseline: PROD's model deployed afresh beside the RC --------------------------------------
+
+def deploy_baseline(backend: Backend, endpoint: str, spec: DeploymentSpec, *,
+                    progress: Progress | None = None) -> RolloutState:
+    """Deploy PROD's model again, with `spec`'s code and settings, as the baseline at 0%. Idempotent.
+
+    A release is compared with PROD, which has been warm and serving for hours; a baseline started at the
+    same time as the RC, on the same code and sizing, differs from it only by the model, as in Kayenta and
+    Netflix's canary analysis. Only while an RC is at 0% (created or smoke-tested): the baseline then
+    takes the RC's share at every traffic step and is removed at promotion or rollback.
+    """
+    state = read_state(backend, endpoint)
+    if state.phase not in (Phase.RC_CREATED, Phase.SMOKE_TESTED) or state.prod_model is None:
+        raise Conflict(f"a baseline is deployed beside an RC at 0%, but {endpoint!r} is in phase {state.phase.value}")
+    if BASELINE_NAME in (state.prod, state.rc):
+        raise Conflict(f"deployment name {BASELINE_NAME!r} is taken on {endpoint!r} by PROD or the RC")
+    model = state.prod_model
+    fingerprint = _fingerprint(spec, model)
+    existing = {d.name: d for d in backend.list_deployments(endpoint)}.get(BASELINE_NAME)
+    baseline_spec = _tagged(spec, endpoint, BASELINE_NAME, model, fingerprint, "baseline")
+    _create_unless_there(backend, state, existing, baseline_spec, "the baseline (PROD's model, 0% traffic)", progress)
+    _update(backend, endpoint, set_tags={BASELINE_TAG: BASELINE_NAME})
+    try:
+        _wait(backend, endpoint, BASELINE_NAME, progress)
+    except DeploymentFailed:
+        remove_baseline(backend, endpoint)
+        raise
+    return read_state(backend, endpoint)
+
+
+def remove_baseline(backend: Backend, endpoint: str) -> RolloutState:
+    """Delete the baseline once it has no traffic, then its tag. Idempotent; a no-op without one."""
+    state = read_state(backend, endpoint)
+    if state.phase == Phase.NO_ENDPOINT:
+        return state
+    name = backend.get_endpoint(endpoint).tags.get(BASELINE_TAG)
+    if not name or name in (state.prod, state.rc, state.old_prod):
+        return state
+    if name in state.deployments:
+        if state.traffic.get(name, 0) > 0:
+            raise Conflict(f"cannot remove the baseline {name!r} on {endpoint!r}: it still has "
+                           f"{state.traffic[name]}% live traffic")
+        _delete(backend, endpoint, name, state)
+    _update(backend, endpoint, remove_tags=(BASELINE_TAG,))
     return read_state(backend, endpoint)
 
 

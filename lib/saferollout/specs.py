@@ -2,8 +2,9 @@
 
 The files users already have for `az ml online-endpoint create -f endpoint.yml` load here unchanged.
 Keys the Azure schema knows but the local platform has no use for (identity, networking, scale
-settings...) are kept in `extra` and recorded; keys the schema does not know are refused, because a
-typo such as `instance_cout` must not silently deploy one instance.
+settings...) are kept in `extra`: the local platform records them, the Azure backend sends those it names
+(`backends/azure/entities.py`) to Azure; keys the schema does not know are refused, because a typo such as
+`instance_cout` must not silently deploy one instance.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ MAX_MIRROR_PERCENT = 50
 
 ENDPOINT_KEYS = {
     "$schema", "name", "description", "tags", "properties", "auth_mode", "traffic", "mirror_traffic",
-    # known to Azure, recorded only
+    # known to Azure, kept in `extra` (sent by the Azure backend: identity, public_network_access)
     "identity", "public_network_access", "kind", "location", "compute", "id", "scoring_uri",
     "openapi_uri", "provisioning_state",
 }
@@ -31,7 +32,8 @@ DEPLOYMENT_KEYS = {
     "$schema", "name", "endpoint_name", "description", "tags", "properties", "model",
     "code_configuration", "environment", "instance_type", "instance_count", "request_settings",
     "liveness_probe", "readiness_probe", "environment_variables",
-    # known to Azure, recorded only
+    # known to Azure, kept in `extra` (sent by the Azure backend: app_insights_enabled, scale_settings,
+    # egress_public_network_access, data_collector)
     "app_insights_enabled", "scale_settings", "egress_public_network_access", "data_collector",
     "private_network_connection", "model_mount_path", "with_package", "type", "kind", "id",
     "provisioning_state", "resources",

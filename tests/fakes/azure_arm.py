@@ -2,7 +2,7 @@
 
 Shapes follow the REST API specification examples (Microsoft.MachineLearningServices, `Workspace/
 OnlineEndpoint/*.json`, `OnlineDeployment/ManagedOnlineDeployment/*.json`, `Workspace/ModelVersion`,
-`Workspace/CodeVersion`, `Datastore/*.json`): resources are `{id, name, type, location, kind, tags,
+`Workspace/CodeVersion`, `Workspace/DataVersionBase`, `Datastore/*.json`): resources are `{id, name, type, location, kind, tags,
 identity, sku, systemData, properties: {...camelCase...}}`, errors are `{"error": {code, message}}`.
 
 What the service does, and so the fake does:
@@ -75,7 +75,7 @@ class ArmService:
     def __init__(self, state: FakeWorkspaceState):
         self.state = state
         with state.transaction() as data:
-            for key in ("codes", "environments", "operations"):
+            for key in ("codes", "environments", "operations", "data"):
                 data.setdefault(key, {})
 
     # ---- ids --------------------------------------------------------------------------------
@@ -587,6 +587,32 @@ class ArmService:
                  if key.split(":")[0] == match["name"] and (not wanted or r["properties"].get("hash") == wanted)]
         return json_response(200, {"value": [self._asset_body("codes", *key.split(":"), r) for key, r in found]})
 
+    def put_data(self, request: WireRequest, match: re.Match) -> WireResponse:
+        """A data asset version (a deployment's data collector registers one per collection)."""
+        self._check_scope(match)
+        props = dict(request.json().get("properties") or {})
+        if not props.get("dataUri") or not props.get("dataType"):
+            raise bad_request("A data version needs dataType and dataUri.")
+        key = f"{match['name']}:{match['version']}"
+        with self.state.transaction() as data:
+            previous = data["data"].get(key)
+            if previous is not None and previous["properties"].get("dataUri") != props["dataUri"]:
+                raise ServiceRefusal(409, "Conflict", f"Data {key} already exists with another dataUri and "
+                                                      "cannot be changed.")
+            props.setdefault("isAnonymous", False)
+            props.setdefault("tags", {})
+            props.setdefault("properties", {})
+            record = data["data"][key] = previous or {"properties": props, "created_at": _now()}
+        return json_response(200 if previous else 201,
+                             self._asset_body("data", match["name"], match["version"], record))
+
+    def get_data(self, request: WireRequest, match: re.Match) -> WireResponse:
+        self._check_scope(match)
+        record = self.state.read().get("data", {}).get(f"{match['name']}:{match['version']}")
+        if record is None:
+            raise not_found(f"data/{match['name']}/versions", match["version"])
+        return json_response(200, self._asset_body("data", match["name"], match["version"], record))
+
     def put_environment(self, request: WireRequest, match: re.Match) -> WireResponse:
         self._check_scope(match)
         props = dict(request.json().get("properties") or {})
@@ -659,6 +685,8 @@ def routes(state: FakeWorkspaceState) -> list[tuple[str | None, re.Pattern, Call
         ("GET", rf"{_WS}/codes/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.get_code),
         ("PUT", rf"{_WS}/codes/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.put_code),
         ("GET", rf"{_WS}/environments/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.get_environment),
+        ("GET", rf"{_WS}/data/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.get_data),
+        ("PUT", rf"{_WS}/data/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.put_data),
         ("PUT", rf"{_WS}/environments/(?P<name>{_NAME})/versions/(?P<version>{_NAME})", arm.put_environment),
     ]
     return [(method, re.compile(pattern, re.IGNORECASE), handler) for method, pattern, handler in table]

@@ -102,3 +102,37 @@ def test_compare_latency_leaves_the_warm_up_out(context):
     rows = [(*r[:4], r[4] * 3 if r[2] == "green" and r[0] < T0 + 20 else r[4], *r[5:]) for r in rows]
     assert CompareGate(metric="latency", warmup_s=0).check(context(FakeBackend(rows), 200)).decision == "fail"
     assert CompareGate(metric="latency").check(context(FakeBackend(rows), 200)).decision == "pass"
+
+
+class RecordingBackend(FakeBackend):
+    """Aggregates only (as on Azure), and a request sent with the deployment header lands in them too."""
+
+    def __init__(self, rows, clock):
+        super().__init__(rows, raw_samples=False, scorers={"green": lambda b: (200, {}), "blue": lambda b: (200, {})})
+        self.clock = clock
+
+    def invoke(self, endpoint, body, *, deployment=None, timeout_s=60.0):
+        self.rows.append((self.clock(), endpoint, deployment, 200, 5.0, 0, f"pin{len(self.rows)}", 200))
+        return super().invoke(endpoint, body, deployment=deployment, timeout_s=timeout_s)
+
+
+def test_aggregate_counts_leave_out_the_requests_the_gates_pinned_themselves():
+    """On aggregates, 300 pinned 200s to the RC would halve its 6% error rate and hide it from the test."""
+    from saferollout.gates.base import PinnedLedger
+    from saferollout.gates.base import GateContext
+
+    now = [T0 + 30]
+    rows = stream("blue", 1800, T0, T0 + 120, error_rate=0.005, seed=1) + \
+        stream("green", 200, T0, T0 + 120, error_rate=0.06, seed=2)
+    backend = RecordingBackend(rows, lambda: now[0])
+    ledger = PinnedLedger(backend, clock=lambda: now[0])
+    for _ in range(300):
+        ledger.invoke("credit", b"{}", deployment="green")
+    now[0] = T0 + 120
+    gate = CompareGate(metric="errors", mode="aggregates", min_samples=100)
+    seen_raw = gate.check(GateContext(backend, "credit", "green", "blue", T0, now[0]))
+    seen_by_gate = gate.check(GateContext(ledger, "credit", "green", "blue", T0, now[0]))
+    assert seen_raw.evidence["n"]["rc"] == 500 and seen_by_gate.evidence["n"]["rc"] == 200
+    assert seen_by_gate.evidence["errors"]["rc"] == seen_raw.evidence["errors"]["rc"]
+    assert seen_by_gate.decision == "fail", seen_by_gate.reason
+    assert seen_raw.decision == "pass", seen_raw.reason

@@ -96,3 +96,27 @@ def test_a_sequential_gate_stops_early_on_a_clear_regression():
     report = run_gates([SequentialGate()], FakeBackend(rows), "credit", "green", "blue", start=T0, poll_s=5,
                        clock=clock, sleep=clock.sleep)
     assert report.decision == "fail" and clock.now < T0 + 200
+
+
+@pytest.mark.parametrize("traffic, expected", [
+    ({"green": 10, "blue": 90}, 0.1),
+    ({"green": 10, "baseline": 10, "blue": 80}, 0.5),  # compared with the baseline: half of the two's requests
+    ({"green": 100}, None),
+    ({}, None),
+])
+def test_the_rcs_share_is_of_the_requests_served_by_it_and_its_control(traffic, expected):
+    from saferollout.gates.runner import rc_share
+
+    control = "baseline" if "baseline" in traffic else "blue"
+    assert rc_share(FakeBackend(traffic=traffic), "credit", "green", control) == (
+        pytest.approx(expected) if expected is not None else None)
+
+
+def test_progress_names_the_deployments_even_when_the_evidence_says_rc_and_prod():
+    rows = stream("blue", 900, T0, T0 + 60, seed=1) + stream("green", 100, T0, T0 + 60, seed=2)
+    lines: list[str] = []
+    clock = [T0 + 60]
+    run_gates([SequentialGate(metric="errors", max_duration_s=60)], FakeBackend(rows), "credit", "green", "blue",
+              start=T0, poll_s=5, progress=lines.append, clock=lambda: clock[0],
+              sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    assert lines[-1].startswith("60s elapsed, n per deployment: green 100, blue 900 |")

@@ -42,8 +42,9 @@ class Verdict:
 class GateContext:
     """Where and when a gate looks: the endpoint, RC and PROD names, the window [start, now].
 
-    `rc_share` is the probability that a live request goes to the RC (its traffic percent / 100), when
-    known; the sequential tests then use it instead of the share realised so far.
+    `rc_share` is the probability that a live request served by the RC or by `prod` (PROD, or the
+    baseline) went to the RC, from the endpoint's traffic when known; the sequential tests then use it
+    instead of the share realised so far.
     """
 
     backend: Backend
@@ -57,6 +58,38 @@ class GateContext:
     @property
     def elapsed_s(self) -> float:
         return self.now - self.start
+
+
+class PinnedLedger:
+    """The backend as the gates see it, counting the requests they pin to a deployment themselves.
+
+    The agreement gate sends its rows through the deployment header. Where the backend records requests
+    one by one (local), they are marked pinned and left out; where it only has aggregates (Azure
+    Monitor has no dimension for it), the aggregate gates subtract what this ledger counted, once the
+    metrics have had time to include them (`metrics_delay_s`).
+    """
+
+    def __init__(self, backend: Backend, clock: Any = time.time):
+        self._backend = backend
+        self._clock = clock
+        self.sent: list[tuple[float, str, str]] = []  # (when, deployment, status class)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def invoke(self, endpoint: str, body: Any, *, deployment: str | None = None, timeout_s: float = 60.0) -> Any:
+        result = self._backend.invoke(endpoint, body, deployment=deployment, timeout_s=timeout_s)
+        if deployment:
+            self.sent.append((self._clock(), deployment, f"{result.status // 100}xx"))
+        return result
+
+    def counts(self, start: float, settled_by: float) -> dict[tuple[str, str], int]:
+        """Pinned requests per (deployment, status class) sent in [start, settled_by]."""
+        out: dict[tuple[str, str], int] = {}
+        for when, deployment, status_class in self.sent:
+            if start <= when <= settled_by:
+                out[(deployment, status_class)] = out.get((deployment, status_class), 0) + 1
+        return out
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from saferollout.gates.base import (GateBase, GateContext, Inconclusive, fetch_samples, is_error,
+from saferollout.gates.base import (GateBase, GateContext, Inconclusive, PinnedLedger, fetch_samples, is_error,
                                     require_prod, require_samples, to_datetime)
 
 AGGREGATE_QUANTILES = {0.5: "RequestLatency_P50", 0.9: "RequestLatency_P90", 0.95: "RequestLatency_P95",
@@ -158,6 +158,12 @@ class CompareGate(GateBase):
         for s in series:
             key = (s.dimensions.get("deployment", ""), s.dimensions.get("statusCodeClass", ""))
             counts[key] = counts.get(key, 0) + sum(p.value or 0 for p in s.points)
+        # requests the gates pinned themselves are not live traffic: take out those the metrics hold by now
+        if isinstance(ctx.backend, PinnedLedger):
+            settled = ctx.now - float(getattr(ctx.backend, "metrics_delay_s", 0.0))
+            for key, n in ctx.backend.counts(ctx.start, settled).items():
+                if key in counts:
+                    counts[key] = max(0.0, counts[key] - n)
         return counts
 
     def _weighted_quantile(self, ctx: GateContext, deployment: str) -> float:

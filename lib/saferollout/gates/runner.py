@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from saferollout.errors import GateFailed, SafeRolloutError
-from saferollout.gates.base import Gate, GateContext, Verdict, expire
+from saferollout.gates.base import Gate, GateContext, PinnedLedger, Verdict, expire
 
 
 @dataclass
@@ -45,7 +45,8 @@ def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | No
         raise ValueError("run_gates needs at least one gate")
     start = clock() if start is None else start
     started_at = clock()
-    share = rc_share(backend, endpoint, rc)
+    share = rc_share(backend, endpoint, rc, prod)
+    backend = PinnedLedger(backend, clock)  # the aggregate gates subtract the requests the gates pin themselves
     latest: dict[str, Verdict] = {}
     history: list[Verdict] = []
     while True:
@@ -67,19 +68,24 @@ def run_gates(gates: list[Gate], backend, endpoint: str, rc: str, prod: str | No
         sleep(poll_s)
 
 
-def rc_share(backend, endpoint: str, rc: str) -> float | None:
-    """The RC's routing probability from the endpoint's traffic, when the RC shares it with others."""
+def rc_share(backend, endpoint: str, rc: str, control: str | None) -> float | None:
+    """The probability that a live request served by the RC or its control (PROD or the baseline) went to
+    the RC, from the endpoint's traffic: what the sequential tests condition on."""
+    if control is None:
+        return None
     try:
-        percent = backend.get_endpoint(endpoint).traffic.get(rc, 0)
+        traffic = backend.get_endpoint(endpoint).traffic
     except SafeRolloutError:
         return None
-    return percent / 100.0 if 0 < percent < 100 else None
+    mine, theirs = traffic.get(rc, 0), traffic.get(control, 0)
+    return mine / (mine + theirs) if mine > 0 and theirs > 0 else None
 
 
 def _report(progress, ctx: GateContext, gates: list[Gate], latest: dict[str, Verdict]) -> None:
     if progress is None:
         return
     n = next((v.evidence.get("n") for v in latest.values() if isinstance(v.evidence.get("n"), dict)), None)
-    counts = ", ".join(f"{k} {v}" for k, v in n.items()) if n else "n unknown"
+    names = {"rc": ctx.rc, "prod": ctx.prod}  # evidence says rc/prod; the line names the deployments throughout
+    counts = ", ".join(f"{names.get(k) or k} {v}" for k, v in n.items()) if n else "n unknown"
     states = "; ".join(f"{g.name}: {latest[g.name].decision}" for g in gates if g.name in latest)
     progress(f"{ctx.elapsed_s:.0f}s elapsed, n per deployment: {counts} | {states}")

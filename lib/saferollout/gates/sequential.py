@@ -58,6 +58,11 @@ END_SHARE_OF_ALPHA = 0.2
 RC_SHARE_OF_BETA = 0.8
 
 
+def fail_threshold(alpha: float) -> float:
+    """The e-value at which the anytime fail test fires: 1 / (its share of alpha)."""
+    return 1 / ((1 - END_SHARE_OF_ALPHA) * alpha)
+
+
 def realised_share(n_rc, n_prod):
     """The RC's share of requests so far: the routing probability when the backend does not say it."""
     n_rc, n_prod = np.asarray(n_rc, float), np.asarray(n_prod, float)
@@ -83,7 +88,7 @@ def error_statistics(n_rc, x_rc, n_prod, x_prod, *, rho=None, tolerance_points: 
                                       ratio=tolerance_ratio)
     _, rc_high = bernoulli_cs(x_rc, n_rc, RC_SHARE_OF_BETA * beta, ERROR_RATE_PRIOR)
     prod_low, _ = bernoulli_cs(x_prod, n_prod, (1 - RC_SHARE_OF_BETA) * beta, ERROR_RATE_PRIOR)
-    fail = log_e >= np.log(1 / ((1 - END_SHARE_OF_ALPHA) * alpha))
+    fail = log_e >= np.log(fail_threshold(alpha))
     passed = ~fail & (rc_high - prod_low < margin_points / 100.0)
     end_p = tolerant_difference_p_value(n_rc, x_rc, n_prod, x_prod, tolerance_points=tolerance_points,
                                         tolerance_ratio=tolerance_ratio)
@@ -98,10 +103,10 @@ def tolerant_difference_p_value(n_rc, x_rc, n_prod, x_prod, *, tolerance_points:
     deployment without errors is not 0.
     """
     n_rc, x_rc, n_prod, x_prod = (np.asarray(v, float) for v in (n_rc, x_rc, n_prod, x_prod))
-    p_rc = np.maximum(x_rc, 0.5) / np.maximum(n_rc, 1)
-    p_prod = np.maximum(x_prod, 0.5) / np.maximum(n_prod, 1)
-    se = np.sqrt(p_rc * (1 - p_rc) / np.maximum(n_rc, 1) + tolerance_ratio ** 2 * p_prod * (1 - p_prod) / np.maximum(n_prod, 1))
-    excess = x_rc / np.maximum(n_rc, 1) - tolerance_ratio * x_prod / np.maximum(n_prod, 1) - tolerance_points / 100.0
+    n_rc, n_prod = np.maximum(n_rc, 1), np.maximum(n_prod, 1)
+    p_rc, p_prod = np.maximum(x_rc, 0.5) / n_rc, np.maximum(x_prod, 0.5) / n_prod
+    se = np.sqrt(p_rc * (1 - p_rc) / n_rc + tolerance_ratio ** 2 * p_prod * (1 - p_prod) / n_prod)
+    excess = x_rc / n_rc - tolerance_ratio * x_prod / n_prod - tolerance_points / 100.0
     return stats.norm.sf(excess / se)
 
 
@@ -110,7 +115,7 @@ def error_decision(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, rho: float
                    tolerance_ratio: float = DEFAULT_ERROR_TOLERANCE_RATIO,
                    margin_points: float = DEFAULT_ERROR_MARGIN_POINTS, alpha: float, beta: float,
                    final: bool = False) -> tuple[str, str, dict[str, Any]]:
-    """The errors verdict; `final`: the window ends now, so an undecided gate passes (no harm shown)."""
+    """The errors verdict; `final`: the window ends now, so an undecided gate is decided by the end test."""
     s = {k: float(np.asarray(v)) for k, v in error_statistics(
         n_rc, x_rc, n_prod, x_prod, rho=rho, tolerance_points=tolerance_points, tolerance_ratio=tolerance_ratio,
         margin_points=margin_points, alpha=alpha, beta=beta).items()}
@@ -119,12 +124,12 @@ def error_decision(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, rho: float
     tolerated = tolerance_ratio * prod_rate + tolerance_points / 100.0
     evidence = {"n": {"rc": n_rc, "prod": n_prod}, "errors": {"rc": x_rc, "prod": x_prod},
                 "error_rate": {"rc": rc_rate, "prod": prod_rate}, "e_value": e_value,
-                "e_threshold": 1 / ((1 - END_SHARE_OF_ALPHA) * alpha), "rc_share": s["rho"], "rc_rate_upper": s["rc_high"],
+                "e_threshold": fail_threshold(alpha), "rc_share": s["rho"], "rc_rate_upper": s["rc_high"],
                 "prod_rate_lower": s["prod_low"], "tolerance_points": tolerance_points,
                 "tolerance_ratio": tolerance_ratio, "margin_points": margin_points, "alpha": alpha, "beta": beta}
     rates = f"RC {rc_rate:.2%} of {n_rc} vs PROD {prod_rate:.2%} of {n_prod}"
     limit = _error_limit(tolerance_ratio, tolerance_points)
-    threshold = 1 / ((1 - END_SHARE_OF_ALPHA) * alpha)
+    threshold = fail_threshold(alpha)
     if s["fail"]:
         return "fail", (f"error rate: {rates}; e-value {e_value:.3g} >= {threshold:g}: strong evidence the RC "
                         f"fails more often than {limit} (~{tolerated:.2%})"), evidence
@@ -133,15 +138,21 @@ def error_decision(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, rho: float
         return "pass", (f"error rate: {rates}; the RC's is at most {s['rc_high']:.2%}, within PROD "
                         f"+{margin_points:g} points ({allowed:.2%}) with confidence {1 - beta:.0%}"), evidence
     if final:
-        end = dict(evidence, end_p_value=s["end_p"], end_alpha=END_SHARE_OF_ALPHA * alpha)
-        if s["end_fail"]:
-            return "fail", (f"error rate: {rates}; at the window's end the RC fails more often than {limit} "
-                            f"(~{tolerated:.2%}): p = {s['end_p']:.3g} < {END_SHARE_OF_ALPHA * alpha:g}"), end
-        return "pass", (f"error rate: {rates}; the window ended without evidence the RC fails more often than "
-                        f"{limit} (e-value {e_value:.3g} < {threshold:g}, p = {s['end_p']:.3g})"), \
-            dict(end, passed_at_window_end=True)
+        return _at_window_end(f"error rate: {rates}", f"the RC fails more often than {limit} (~{tolerated:.2%})",
+                              s, e_value, threshold, evidence, alpha)
     return "inconclusive", (f"error rate: {rates}; not decided yet: e-value {e_value:.3g} < {threshold:g} "
                             f"and the RC's could be up to {s['rc_high']:.2%} (> {allowed:.2%})"), evidence
+
+
+def _at_window_end(observed: str, harm: str, s: dict[str, Any], e_value: float, threshold: float,
+                   evidence: dict[str, Any], alpha: float) -> tuple[str, str, dict[str, Any]]:
+    """The one fixed-sample decision of a gate the anytime tests left undecided at the window's end."""
+    end_alpha = END_SHARE_OF_ALPHA * alpha
+    end = dict(evidence, end_p_value=s["end_p"], end_alpha=end_alpha)
+    if s["end_fail"]:
+        return "fail", f"{observed}; at the window's end {harm}: p = {s['end_p']:.3g} < {end_alpha:g}", end
+    return "pass", (f"{observed}; the window ended without evidence {harm} (e-value {e_value:.3g} < "
+                    f"{threshold:g}, p = {s['end_p']:.3g})"), dict(end, passed_at_window_end=True)
 
 
 def _error_limit(ratio: float, points: float) -> str:
@@ -194,7 +205,7 @@ def latency_statistics(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = No
     allowed_ms = margin_ratio * prod_low
     above = int(np.count_nonzero(rc_ms > allowed_ms))
     log_e_pass = float(one_sided_binomial_log_e(above, rc_ms.size, 1.0 - quantile, side="less"))
-    fail = log_e >= np.log(1 / ((1 - END_SHARE_OF_ALPHA) * alpha))
+    fail = log_e >= np.log(fail_threshold(alpha))
     passed = (not fail) and prod_low > 0 and log_e_pass >= np.log(1 / (RC_SHARE_OF_BETA * beta))
     return {"log_e": log_e, "levels": per_level, "counted": counted, "calibrated": calibrated, "prod_low": prod_low,
             "allowed_ms": allowed_ms, "rc_above_allowed": above, "rc_n": int(rc_ms.size),
@@ -223,16 +234,18 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
     rc_warm = np.asarray(rc_ms, float)[np.asarray(rc_ts, float) > warm_after]
     prod_warm = np.asarray(prod_ms, float)[np.asarray(prod_ts, float) > warm_after]
     if rc_warm.size == 0 or prod_warm.size == 0:
-        raise Inconclusive("latency: no requests after the warm-up yet", {"n": {"rc": len(rc_warm), "prod": len(prod_warm)}})
+        raise Inconclusive("latency: no requests after the warm-up yet",
+                           {"n": {"rc": len(rc_warm), "prod": len(prod_warm)}})
     rc_q, prod_q = float(np.quantile(rc_warm, quantile)), float(np.quantile(prod_warm, quantile))
     e_value = float(np.exp(min(s["log_e"], 700.0)))
-    threshold = 1 / ((1 - END_SHARE_OF_ALPHA) * alpha)
+    threshold = fail_threshold(alpha)
     evidence = {"n": {"rc": int(rc_warm.size), "prod": int(prod_warm.size)}, "quantile": quantile,
                 "latency_ms": {"rc": rc_q, "prod": prod_q}, "ratio": rc_q / prod_q if prod_q else None,
                 "e_value": e_value, "e_threshold": threshold, "levels": s["levels"],
                 "counted_requests": s["counted"], "rc_share": rho, "calibration_samples": calibration,
                 "prod_quantile_lower": s["prod_low"], "allowed_ms": s["allowed_ms"],
-                "rc_above_allowed": s["rc_above_allowed"], "e_value_no_harm": float(np.exp(min(s["log_e_pass"], 700.0))),
+                "rc_above_allowed": s["rc_above_allowed"],
+                "e_value_no_harm": float(np.exp(min(s["log_e_pass"], 700.0))),
                 "e_threshold_no_harm": 1 / (RC_SHARE_OF_BETA * beta), "tolerance_ratio": tolerance_ratio,
                 "tolerance_ms": tolerance_ms, "margin_ratio": margin_ratio, "alpha": alpha, "beta": beta}
     observed = f"{label} RC {rc_q:.1f} ms ({rc_warm.size}) vs PROD {prod_q:.1f} ms ({prod_warm.size})"
@@ -247,13 +260,8 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
                         f"PROD's {label} lower bound): its {label} is within {margin_ratio:g}x PROD with confidence "
                         f"{1 - beta:.0%}"), evidence
     if final and s["calibrated"]:
-        end = dict(evidence, end_p_value=s["end_p"], end_alpha=END_SHARE_OF_ALPHA * alpha)
-        if s["end_fail"]:
-            return "fail", (f"latency {observed}; at the window's end the RC is slower than {tolerated} (at {watched}): "
-                            f"p = {s['end_p']:.3g} < {END_SHARE_OF_ALPHA * alpha:g}"), end
-        return "pass", (f"latency {observed}; the window ended without evidence the RC is slower than {tolerated} "
-                        f"(at {watched}; e-value {e_value:.3g} < {threshold:g}, p = {s['end_p']:.3g})"), \
-            dict(end, passed_at_window_end=True)
+        return _at_window_end(f"latency {observed}", f"the RC is slower than {tolerated} (at {watched})",
+                              s, e_value, threshold, evidence, alpha)
     waiting = (f"e-value {e_value:.3g} < {threshold:g}" if s["calibrated"]
                else f"PROD has {len(prod_ms)} of {calibration} calibration samples")
     return "inconclusive", (f"latency {observed}; not decided yet: {waiting}, and {share:.1%} of RC requests "

@@ -9,9 +9,13 @@ from saferollout.specs import load_deployment_spec, load_endpoint_spec
 
 
 @pytest.fixture
-def fake(tmp_path) -> FakeAzure:
-    """A fresh fake workspace: its state, the transport (what was sent) and the real clients over it."""
-    return fake_azure(tmp_path / "workspace")
+def fake(tmp_path_factory) -> FakeAzure:
+    """A fresh fake workspace: its state, the transport (what was sent) and the real clients over it.
+
+    Its state (and the fake blob storage) lives in a folder of its own, never inside the test's `tmp_path`:
+    a test that deploys code from `tmp_path` would otherwise upload the fake's own files while the fake
+    writes them, and the SDK's upload waits forever for a file count that is never reached."""
+    return fake_azure(tmp_path_factory.mktemp("fake-azure"))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,28 @@ def test_the_sdk_progress_dots_never_reach_stdout(azure, served, example_dir, ca
     azure.create_deployment(spec)
     out, err = capfd.readouterr()
     assert out == "" and "." in err  # the SDK's poller still shows its progress, on stderr
+
+
+def test_a_deployment_that_fails_unwatched_says_why(azure, served, example_dir):
+    """The rollout starts a deployment without waiting and polls it: its failure must carry Azure's error."""
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
+    spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
+    azure.create_deployment(spec, wait=False)
+    deadline = time.monotonic() + 30
+    while (deployment := azure.get_deployment(served, "green")).provisioning_state != "Failed":
+        assert time.monotonic() < deadline, deployment.provisioning_state
+        time.sleep(0.05)
+    assert "the scoring container crashed in init()" in deployment.reason
+    assert "SAFEROLLOUT_FAULT=crash" in deployment.reason
+
+
+def test_a_failed_deployment_this_backend_did_not_start_says_where_to_look(azure, fake, served, example_dir):
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
+    spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
+    with pytest.raises(DeploymentFailed):
+        azure.create_deployment(spec)
+    other = type(azure)(ml_client=fake.ml_client, metrics_client=fake.metrics_client,
+                        http_session=fake.http_session, poll_interval_s=0.01)  # e.g. the next notebook's kernel
+    assert other.get_deployment(served, "green").reason == (
+        "Azure reports its provisioning Failed; its logs say why: saferollout online-deployment get-logs "
+        "-n green -e ep-served --backend azure")

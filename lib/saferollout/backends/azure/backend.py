@@ -10,7 +10,9 @@ put in an error message or returned by anything but `get_credentials` / `regener
 from __future__ import annotations
 
 import json
+import sys
 import time
+from contextlib import redirect_stdout
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,7 +23,7 @@ from saferollout.backends.azure import metrics as azure_metrics
 from saferollout.backends.azure.entities import (credentials_from_sdk, deployment_entity, deployment_from_sdk,
                                                  endpoint_entity, endpoint_from_sdk, model_entity,
                                                  model_from_sdk)
-from saferollout.backends.azure.errors import sdk_errors
+from saferollout.backends.azure.errors import error_detail, sdk_errors
 from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients, build_metrics_client
 from saferollout.backends.base import (DEPLOYMENT_METRIC_DIMENSIONS, Credentials, Deployment, Endpoint,
                                        InvokeResult, MetricSeries, Model, Progress, RequestSample)
@@ -68,6 +70,9 @@ class AzureBackend:
         self.poll_interval_s = poll_interval_s
         self._credentials: dict[str, Credentials] = {}
         self._scoring_uris: dict[str, str] = {}
+        # deployment operations started without waiting, by (endpoint, name) in Azure's lower case: their
+        # pollers (which poll on in the SDK's thread) hold why a deployment failed; Azure's GET does not
+        self._started: dict[tuple[str, str], Any] = {}
         self.last_metric_filters: list[str] = []  # the Azure $filter text(s) of the last query, for the record
 
     def __repr__(self) -> str:
@@ -258,7 +263,7 @@ class AzureBackend:
         start = lambda: self.ml_client.online_deployments.begin_create_or_update(entity)  # noqa: E731
         if not wait:
             with sdk_errors(what):
-                start()
+                self._started[(spec.endpoint_name.lower(), spec.name.lower())] = start()
             return self.get_deployment(spec.endpoint_name, spec.name)
         try:
             self._lro(what, start, progress)
@@ -288,7 +293,22 @@ class AzureBackend:
             return f"(logs unavailable: {exc})"
 
     def get_deployment(self, endpoint: str, name: str) -> Deployment:
-        return deployment_from_sdk(self._deployment_entity(endpoint, name))
+        deployment = deployment_from_sdk(self._deployment_entity(endpoint, name))
+        if deployment.provisioning_state == "Failed":
+            deployment.reason = self._failure_reason(endpoint, name)
+        return deployment
+
+    def _failure_reason(self, endpoint: str, name: str) -> str:
+        """Why a deployment failed: its operation's error when this backend started it, else where to look."""
+        poller = self._started.get((endpoint.lower(), name.lower()))
+        if poller is not None and poller.done():
+            try:
+                with redirect_stdout(sys.stderr):
+                    poller.result()
+            except Exception as exc:  # noqa: BLE001 - the failed operation's error is the reason
+                return error_detail(exc)
+        return (f"Azure reports its provisioning Failed; its logs say why: saferollout online-deployment get-logs "
+                f"-n {name} -e {endpoint} --backend azure")
 
     def list_deployments(self, endpoint: str) -> list[Deployment]:
         validate_name(endpoint)

@@ -6,23 +6,70 @@ backend-neutral `Endpoint`, `Deployment`, `Model` and `Credentials` of `saferoll
 """
 from __future__ import annotations
 
+import io
+import json
+import re
+import warnings
 from dataclasses import asdict
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import yaml
+from azure.ai.ml import load_online_deployment, load_online_endpoint
 
 from azure.ai.ml.entities import (BuildContext, CodeConfiguration, EndpointAuthKeys, Environment, ManagedOnlineDeployment,
                                   ManagedOnlineEndpoint, Model as SdkModel, OnlineRequestSettings,
                                   ProbeSettings)
 
 from saferollout.backends.base import Credentials, Deployment, Endpoint, Model
+from saferollout.errors import SpecError
 from saferollout.specs import DeploymentSpec, EndpointSpec
+
+# Settings of the CLI v2 YAML that our specs keep in `extra` (the local platform records them, it has no use for
+# them) and that the SDK entity must carry to Azure. The SDK's own YAML schema reads them: it knows their
+# shapes (a scale type's fields, a data collector's collections, an identity's user-assigned ids) and
+# refuses what Azure would refuse, with its message, before anything is sent.
+ENDPOINT_AZURE_SETTINGS = ("public_network_access", "identity")
+DEPLOYMENT_AZURE_SETTINGS = ("egress_public_network_access", "app_insights_enabled", "scale_settings",
+                             "data_collector")
+
+
+def _azure_settings(load: Callable[..., Any], document: dict[str, Any], extra: Mapping[str, Any],
+                    keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The SDK objects for `keys` of `extra`, read by the SDK's YAML loader from a minimal `document`."""
+    given = {k: extra[k] for k in keys if extra.get(k) is not None}
+    if not given:
+        return {}
+    with warnings.catch_warnings():  # DataCollector is an 'experimental class': a warning per load
+        warnings.simplefilter("ignore")
+        try:
+            loaded = load(io.StringIO(yaml.safe_dump({**document, **given})), relative_origin=".")
+            if isinstance(loaded, ManagedOnlineDeployment):
+                loaded._validate()  # the SDK's rules beyond the schema (managed: DefaultScaleSettings only)
+        except Exception as exc:  # noqa: BLE001 - marshmallow's or the SDK's ValidationError, by version
+            raise SpecError(f"{what}: Azure's schema refuses {', '.join(given)}: {_schema_problem(exc)}") from exc
+    return {k: getattr(loaded, k) for k in given}
+
+
+def _schema_problem(exc: Exception) -> str:
+    """The SDK's validation message is a JSON block between a header and help links: keep the block."""
+    text = str(exc)
+    block = re.search(r"\{.*\}", text, re.DOTALL)
+    if block:
+        try:
+            return json.dumps(json.loads(block.group(0)), separators=(", ", ": "))
+        except ValueError:
+            pass
+    return " ".join(text.split())[:500]
 
 
 def endpoint_entity(spec: EndpointSpec) -> ManagedOnlineEndpoint:
+    settings = _azure_settings(load_online_endpoint, {"name": spec.name}, spec.extra, ENDPOINT_AZURE_SETTINGS,
+                               f"endpoint {spec.name!r}")
     return ManagedOnlineEndpoint(name=spec.name, auth_mode=spec.auth_mode, description=spec.description or None,
                                  tags=dict(spec.tags), properties=dict(spec.properties) or None,
                                  traffic=dict(spec.traffic) or None,
-                                 mirror_traffic=dict(spec.mirror_traffic) or None)
+                                 mirror_traffic=dict(spec.mirror_traffic) or None, **settings)
 
 
 def environment_entity(value: Any) -> Any:
@@ -44,6 +91,9 @@ def deployment_entity(spec: DeploymentSpec, model: Any) -> ManagedOnlineDeployme
     code = None
     if spec.code_path and spec.scoring_script:
         code = CodeConfiguration(code=spec.code_path, scoring_script=spec.scoring_script)
+    settings = _azure_settings(load_online_deployment, {"name": spec.name, "endpoint_name": spec.endpoint_name,
+                                                        "instance_type": spec.instance_type},
+                               spec.extra, DEPLOYMENT_AZURE_SETTINGS, f"deployment {spec.name!r}")
     return ManagedOnlineDeployment(
         name=spec.name, endpoint_name=spec.endpoint_name, model=model, code_configuration=code,
         environment=environment_entity(spec.environment), instance_type=spec.instance_type,
@@ -52,7 +102,8 @@ def deployment_entity(spec: DeploymentSpec, model: Any) -> ManagedOnlineDeployme
         liveness_probe=ProbeSettings(**asdict(spec.liveness_probe)),
         readiness_probe=ProbeSettings(**asdict(spec.readiness_probe)),
         environment_variables=dict(spec.environment_variables) or None,
-        tags=dict(spec.tags), properties=dict(spec.properties) or None, description=spec.description or None)
+        tags=dict(spec.tags), properties=dict(spec.properties) or None, description=spec.description or None,
+        **settings)
 
 
 def model_entity(name: str, path: str, description: str, tags: Mapping[str, str],

@@ -18,7 +18,7 @@ AUTH_HINT = ("sign in with `az login`, or set AZURE_CLIENT_ID, AZURE_TENANT_ID a
              "service principal (see docs/azure.md)")
 
 
-def _detail(exc: BaseException) -> str:
+def error_detail(exc: BaseException) -> str:
     """The service's own message, on one line (the SDK's str() adds a multi-line dump of the response)."""
     message = getattr(exc, "message", None) or str(exc)
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -27,7 +27,7 @@ def _detail(exc: BaseException) -> str:
 
 def translate(exc: BaseException, what: str) -> SafeRolloutError:
     """Map one SDK exception about `what` (e.g. "endpoint 'credit-risk'") to our hierarchy."""
-    detail = _detail(exc)
+    detail = error_detail(exc)
     if isinstance(exc, SafeRolloutError):
         return exc
     if isinstance(exc, ClientAuthenticationError):
