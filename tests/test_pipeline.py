@@ -89,3 +89,129 @@ def test_rollback_without_an_endpoint_has_nothing_to_do(local_backend, unique_na
     lines: list[str] = []
     before, after = pipeline.rollback(local_backend, unique_name("none"), "train failed", "run", lines.append)
     assert after.phase.value == "NO_ENDPOINT" and "nothing to roll back" in lines[0]
+
+
+# ---- your own model ------------------------------------------------------------------------------------
+OWN_EXAMPLE = pipeline.ROOT / "examples" / "diabetes-regression"
+
+
+class Registry:
+    """Models and deployments as a backend holds them (for gate choice and registration)."""
+
+    def __init__(self, models=None, deployments=None):
+        from saferollout.backends.base import Model
+
+        self.Model, self.models, self.deployments, self.registered = Model, models or {}, deployments or {}, []
+
+    def get_deployment(self, endpoint, name):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(model=self.deployments[name])
+
+    def get_model(self, name, version=None):
+        return self.models[(name, int(version))]
+
+    def register_model(self, name, path, *, description="", tags=None, properties=None):
+        self.registered.append((name, path, tags))
+        return self.Model(name, len(self.registered), path, tags=tags or {}, properties=properties or {})
+
+
+def test_a_fault_is_refused_with_a_deployment_file_whose_script_does_not_inject_it():
+    deployment = str(OWN_EXAMPLE / "deployment.yml")
+    spec = pipeline.candidate_spec("ep-one", "azureml:m:1", deployment_file=deployment)
+    assert spec.scoring_script == "score.py" and spec.code_path == str(OWN_EXAMPLE)
+    assert "SAFEROLLOUT_FAULT" not in spec.environment_variables  # the user's YAML, unchanged
+    with pytest.raises(SpecError, match="fault=latency is injected by the credit example's scoring script only"):
+        pipeline.candidate_spec("ep-one", "azureml:m:1", "latency", deployment_file=deployment)
+
+
+def test_the_endpoint_comes_from_the_endpoint_file_or_is_a_plain_one_for_a_deployment_file():
+    own = pipeline.endpoint_spec("ep-one", endpoint_file=str(OWN_EXAMPLE / "endpoint.yml"))
+    plain = pipeline.endpoint_spec("ep-two", deployment_file=str(OWN_EXAMPLE / "deployment.yml"))
+    assert own.name == "ep-one" and own.description.startswith("Diabetes progression")
+    assert plain.name == "ep-two" and plain.auth_mode == "key" and "deployment.yml" in plain.description
+
+
+def test_registering_your_model_needs_one(tmp_path):
+    with pytest.raises(SpecError, match=r"nothing to register: no model was given \(-p model=PATH"):
+        pipeline.register_step(Registry(), "", endpoint_name="ep")
+    bare = tmp_path / "deployment.yml"
+    bare.write_text("name: blue\nendpoint_name: ep-one\ncode_configuration: {code: ., scoring_script: s.py}\n")
+    (tmp_path / "s.py").write_text("")
+    with pytest.raises(SpecError, match=f"nothing to register: the deployment file {bare} has no model and no model"):
+        pipeline.register_step(Registry(), "", deployment_file=str(bare), endpoint_name="ep")
+    with pytest.raises(SpecError, match="model '/no/such' does not exist"):
+        pipeline.register_step(Registry(), "", model="/no/such", endpoint_name="ep")
+
+
+def test_your_model_path_is_registered_under_the_endpoints_name_with_its_source(tmp_path):
+    model = tmp_path / "model.joblib"
+    model.write_text("x")
+    registry = Registry()
+    registered = pipeline.register_step(registry, "", model=str(model), endpoint_name="house")
+    assert registered["model_ref"] == "azureml:house-model:1" and registered["source"] == f"registered from {model}"
+    assert registry.registered[0][0] == "house-model" and registry.registered[0][2]["source"] == str(model)
+
+
+def test_auto_leaves_out_offline_quality_without_registered_metrics_and_says_why():
+    from saferollout.backends.base import Model
+
+    registry = Registry(models={("m", 1): Model("m", 1, "/1", properties={"auc": "0.8", "accuracy": "0.7",
+                                                                          "log_loss": "0.5"}),
+                                ("m", 2): Model("m", 2, "/2", properties={})},
+                        deployments={"blue": "azureml:m:1", "green": "azureml:m:2"})
+    registry.name, registry.supports_raw_samples, registry.metrics_delay_s = "local", True, 0.0
+    gates, left_out = pipeline.plan_gates(registry, "ep", "auto", 30, "green", "blue")
+    assert "ml_quality" not in [g.kind for g in gates] and "ml_agreement" in [g.kind for g in gates]
+    assert left_out == [{"name": "offline-quality", "kind": "ml_quality",
+                         "reason": "model azureml:m:2 (green) has no registered offline metric(s) auc, accuracy, "
+                                   "log_loss: register them as model properties to compare the models offline"}]
+    mine = json.dumps([{"kind": "ml_quality"}])
+    assert [g.kind for g in pipeline.plan_gates(registry, "ep", mine, 30, "green", "blue")[0]] == ["ml_quality"]
+
+
+def test_a_gate_list_of_yours_gets_the_request_file_where_it_sets_none(tmp_path):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"data": [[1]]}\n' * 30)
+    agreement = pipeline.agreement_settings(str(requests), 0.8, 0.5, task="regression")
+    assert agreement["n"] == 30 and agreement["requests"] == str(requests)
+    filled = pipeline.with_request_settings(json.dumps([{"kind": "ml_agreement", "n": 10}, {"kind": "threshold"}]),
+                                            agreement)
+    assert filled[0] == {"kind": "ml_agreement", "n": 10, "requests": str(requests), "batch_size": 1,
+                         "answer_path": "", "task": "regression"}
+    assert filled[1] == {"kind": "threshold"}
+    credit = pipeline.with_request_settings([{"kind": "ml_agreement"}], pipeline.agreement_settings("", 0.8, 0.5))
+    assert credit == [{"kind": "ml_agreement", "answer_path": "", "task": "auto"}]  # the gate's own n and rows
+
+
+def test_request_bodies_are_your_file_or_the_credit_rows(tmp_path):
+    assert pipeline.request_bodies(str(OWN_EXAMPLE / "requests.jsonl"))[0].startswith(b'{"data": [[0.019913')
+    assert len(pipeline.request_bodies(str(OWN_EXAMPLE / "requests.jsonl"))) == 40
+    assert len(pipeline.request_bodies("", 3)) == 3
+
+
+def test_a_deployment_log_leaves_out_the_per_request_lines_and_counts_them():
+    log = ["2026-12-01 22:36:01,1 I [1] azmlinfsrv - init() failed: ValueError: bad model"]
+    log += [f'2026-12-01 22:36:09,9 I [6013] gunicorn.access - 127.0.0.1 - - [..] "POST /score HTTP/1.0" 200 20 "-"',
+              "2026-12-01 22:36:10,0 I [6013] azmlinfsrv - POST /score 200 0.359ms 20"] * 50
+
+    class Logs:
+        def get_deployment_logs(self, endpoint, deployment, lines=100):
+            return "\n".join(["---- instance-0", *log][-lines:])
+
+    shown = pipeline.deployment_log(Logs(), "ep", "blue", lines=30)
+    assert shown.splitlines() == ["---- instance-0", log[0], "(100 per-request lines left out)"]
+
+
+def test_the_runners_console_does_not_echo_per_request_lines():
+    import io
+
+    from rich.console import Console
+
+    from saferollout.runner import _Echo
+
+    out = io.StringIO()
+    sink = _Echo(Console(file=out, width=200), "rollback", True)
+    sink.write('x gunicorn.access - 127.0.0.1 "POST /score HTTP/1.0" 200\nazmlinfsrv - POST /score 200 0.3ms\n'
+               "last lines of the failed RC's log:\n")
+    assert out.getvalue() == "  rollback | last lines of the failed RC's log:\n"

@@ -449,3 +449,120 @@ def test_live_traffic_that_cannot_start_fails_the_step_and_rolls_back(tmp_path):
                                                                         ("cleanup", "ok")]
     assert result.summary["failure"]["step"] == "shift" and "traffic generator" in result.summary["failure"]["message"]
     assert (result.run_dir / "summary.json").exists()
+
+
+# ---- the user's own files, skipped steps with a reason, fallbacks, live traffic none -------------------
+OWN = """
+name: own
+parameters:
+  deployment_file: {default: "", type: deployment_file}
+  endpoint_file: {default: "", type: endpoint_file}
+  request_file: {default: "", type: request_file}
+  model: {default: "", type: model}
+  live_traffic: {default: generator, choices: [generator, none]}
+traffic: {endpoint: ep-own, rps: 5, live_traffic: "${parameters.live_traffic}", request_file: "${parameters.request_file}"}
+steps:
+  - id: train
+    notebook: ECHO
+    when: ${parameters.model} == ''
+    skip_reason: "nothing to train: model ${parameters.model} was given"
+    parameters: {value: trained}
+  - id: register
+    notebook: ECHO
+    live_traffic: true
+    parameters: {value: "${steps.train.echo ?? 'from the user'}"}
+"""
+
+
+def test_a_skipped_step_records_its_reason_and_a_fallback_stands_in_for_its_values(tmp_path):
+    model = tmp_path / "model.pkl"
+    model.write_text("x")
+    result = run_runbook(write_runbook(tmp_path, OWN), {"model": str(model), "live_traffic": "none"},
+                         runs_dir=tmp_path / "runs", echo=False)
+    assert result.exit_code == 0, result.summary["failure"]
+    train, register = result.summary["steps"]
+    assert train["status"] == "skipped" and train["skipped_because"] == f"nothing to train: model {model} was given"
+    assert register["records"]["echo"] == "from the user"
+    report = (result.run_dir / "report.html").read_text()
+    assert f"nothing to train: model {model} was given" in report
+
+
+def test_live_traffic_none_starts_no_generator_and_the_summary_and_report_say_so(tmp_path):
+    result = run_runbook(write_runbook(tmp_path, OWN), {"live_traffic": "none"}, runs_dir=tmp_path / "runs", echo=False)
+    assert result.exit_code == 0, result.summary["failure"]
+    traffic = result.summary["traffic"]
+    assert traffic["source"] == "none" and "sent" not in traffic
+    assert traffic["description"] == "none: no generator ran; the gates judged the traffic real clients sent"
+    assert not (result.run_dir / "traffic.jsonl").exists()
+    assert "live traffic: none: no generator ran" in (result.run_dir / "report.html").read_text()
+
+
+def test_a_fallback_is_used_only_when_the_first_reference_has_no_value():
+    context = {"parameters": {"x": "given"}, "steps": {"train": {"model_dir": "/m"}, "skipped": {}}}
+    assert resolve("${steps.train.model_dir ?? ''}", context) == "/m"
+    assert resolve("${steps.skipped.model_dir ?? ''}", context) == ""
+    assert resolve("${steps.skipped.model_dir ?? parameters.x}", context) == "given"
+    assert resolve("${steps.skipped.n ?? 3}", context) == 3
+    with pytest.raises(SpecError, match="step 'skipped' recorded no 'model_dir'"):
+        resolve("${steps.skipped.model_dir}", context)
+
+
+def test_a_fallback_naming_an_unknown_parameter_is_refused_when_the_runbook_loads(tmp_path):
+    body = OWN.replace("${steps.train.echo ?? 'from the user'}", "${steps.train.echo ?? parameters.nosuch}")
+    with pytest.raises(SpecError, match=r"names unknown parameter 'nosuch'"):
+        load_runbook(write_runbook(tmp_path, body))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("deployment_file", "nope.yml", "parameter deployment_file='nope.yml' is not a valid deployment_file: no such file: "),
+    ("deployment_file", "BAD_DEPLOYMENT", "bad-deployment.yml: code_configuration needs both code and scoring_script"),
+    ("endpoint_file", "DEPLOYMENT", "is not a valid endpoint_file: unknown key(s) in endpoint file"),
+    ("request_file", "BAD_REQUESTS", "is not a valid request_file: request_file '{tmp}/bad.jsonl' line 2 is not JSON"),
+    ("model", "/no/such/model", "is not a valid model: no such model file or folder (or use azureml:NAME:VERSION): "
+                                "/no/such/model"),
+    ("model", "azureml:", "invalid model reference 'azureml:'"),
+])
+def test_the_users_files_are_checked_before_anything_is_deployed(tmp_path, name, value, message):
+    (tmp_path / "bad.jsonl").write_text('{"data": [1]}\n{"data": \n')
+    (tmp_path / "bad-deployment.yml").write_text("name: x\nendpoint_name: y\ncode_configuration: {code: ./}\n")
+    files = {"BAD_DEPLOYMENT": tmp_path / "bad-deployment.yml", "DEPLOYMENT": ROOT / "examples" / "credit-risk" /
+             "deployment.yml", "BAD_REQUESTS": tmp_path / "bad.jsonl"}
+    book = load_runbook(write_runbook(tmp_path, OWN))
+    with pytest.raises(SpecError) as caught:
+        resolve_parameters(book, {name: str(files.get(value, value))})
+    assert message.format(tmp=tmp_path) in str(caught.value)
+
+
+def test_the_users_files_are_passed_on_by_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    book = load_runbook(write_runbook(tmp_path, OWN))
+    values = resolve_parameters(book, {"deployment_file": "examples/diabetes-regression/deployment.yml",
+                                       "request_file": "examples/diabetes-regression/requests.jsonl"})
+    assert values["deployment_file"] == str(ROOT / "examples" / "diabetes-regression" / "deployment.yml")
+    assert values["request_file"] == str(ROOT / "examples" / "diabetes-regression" / "requests.jsonl")
+
+
+def test_a_record_shows_one_short_line_in_the_notebook():
+    from saferollout.runbook import one_line
+
+    report = {"decision": "pass", "verdicts": [{"gate": "g", "evidence": {"x": list(range(50))}}] * 4,
+              "started_at": 1764230000.5, "reason": "r" * 80}
+    shown = one_line(report)
+    assert shown.startswith('{decision: "pass", verdicts: [4 items], started_at: 1764230000.5, reason: "rrr')
+    assert len(shown) <= 100 and "\n" not in shown
+    assert one_line({"n": 5}) == '{"n": 5}' and one_line("x" * 200).endswith("...")
+
+
+def test_the_kernels_own_output_goes_to_the_run_directory_not_the_console(tmp_path):
+    import subprocess
+    import sys
+
+    book = write_runbook(tmp_path, BASIC)
+    # a relative runs dir, as `make demo` has it: the kernels run from the notebook's folder
+    proc = subprocess.run([sys.executable, "-m", "saferollout.runbook", str(book), "--runs-dir", "runs"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "first | echo hi" in proc.stderr  # cell output still shows, under the step's id
+    assert "[IPKernelApp]" not in proc.stderr + proc.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "[IPKernelApp]" in (run_dir / "kernels.log").read_text()  # ipykernel's TCP warning, kept for reading

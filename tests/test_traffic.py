@@ -237,3 +237,31 @@ def test_traffic_command_shows_progress_and_the_result_table(live_endpoint, caps
 def test_traffic_command_failures_are_one_line(platform_home, argv, code, message, capsys):
     assert cli.main(["traffic", *argv]) == code
     assert capsys.readouterr().err.strip() == message
+
+
+def test_a_request_file_is_one_json_body_or_a_jsonl_of_bodies(tmp_path):
+    from saferollout.traffic import load_request_bodies
+
+    single = tmp_path / "request.json"
+    single.write_text('{\n  "data": [[1.0, 2.0]]\n}\n')
+    lines = tmp_path / "requests.jsonl"
+    lines.write_text('{"data": [[1]]}\n\n{"data": [[2]]}\n')
+    assert load_request_bodies(single) == [b'{"data": [[1.0, 2.0]]}']
+    assert [json.loads(b) for b in load_request_bodies(lines)] == [{"data": [[1]]}, {"data": [[2]]}]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.json", None, "request_file '{path}' does not exist"),
+    ("bad.jsonl", '{"data": 1}\n{"data": \n', "request_file '{path}' line 2 is not JSON: "),
+    ("bad.json", '{"data": 1}\n{"data": 2}\n', "(one body per line? name the file .jsonl)"),
+    ("empty.jsonl", "\n", "request_file '{path}' holds no request body"),
+])
+def test_a_bad_request_file_is_refused_naming_the_file_and_line(tmp_path, name, content, message):
+    from saferollout.traffic import load_request_bodies
+
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SpecError) as caught:
+        load_request_bodies(path)
+    assert message.format(path=path) in str(caught.value)

@@ -19,7 +19,8 @@ from typing import Any
 from saferollout import data, rollout, training
 from saferollout.backends.base import Backend, Model
 from saferollout.errors import NotFound, SpecError
-from saferollout.specs import DeploymentSpec, EndpointSpec, load_deployment_spec, load_endpoint_spec
+from saferollout.specs import (DeploymentSpec, EndpointSpec, load_deployment_spec, load_endpoint_spec,
+                              parse_model_ref)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = ROOT / "examples" / "credit-risk"
@@ -63,6 +64,42 @@ def register_trained_model(backend: Backend, name: str, model_dir: str | Path, *
                                   tags=tags, properties={k: str(metrics[k]) for k in METRIC_KEYS})
 
 
+def register_step(backend: Backend, model_name: str, *, model_dir: str = "", model: str = "",
+                  deployment_file: str = "", endpoint_name: str = "", data_hash: str = "",
+                  parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The register step: what it registered (or, for an `azureml:` reference, found), for the notebook to record.
+
+    A trained model folder (`model_dir`, the credit demo) is registered with its held-out metrics. Otherwise
+    the user's model: `model` if given, else the deployment YAML's `model`; a path becomes a new version of
+    `model_name` (default `<endpoint_name>-model`), an `azureml:` reference is resolved to its version and
+    rolled out as it is.
+    """
+    if model_dir:
+        registered = register_trained_model(backend, model_name or "credit-model", model_dir,
+                                            data_hash=data_hash or "unknown", parameters=parameters)
+        return _registered(registered, "trained by the train step")
+    source = model or (load_deployment_spec(deployment_file).model if deployment_file else None)
+    if not source:
+        where = f"the deployment file {deployment_file} has no model and " if deployment_file else ""
+        raise SpecError(f"nothing to register: {where}no model was given (-p model=PATH, or -p model=azureml:NAME:VERSION)")
+    if source.startswith("azureml:"):
+        name, version = parse_model_ref(rollout.resolve_model_ref(backend, source))
+        return _registered(backend.get_model(name, version), f"{source}, already registered")
+    if not Path(source).exists():
+        raise SpecError(f"model {source!r} does not exist (a model is a file or folder path, or azureml:NAME:VERSION)")
+    name = model_name or f"{endpoint_name or 'own'}-model"
+    tags = {"git_commit": git_commit(), "source": str(Path(source).resolve()),
+            "deployment_file": str(Path(deployment_file).resolve()) if deployment_file else ""}
+    registered = backend.register_model(name, str(Path(source).resolve()), tags=tags,
+                                        description=f"registered by saferollout from {source}")
+    return _registered(registered, f"registered from {source}")
+
+
+def _registered(model: Model, source: str) -> dict[str, Any]:
+    return {"model_ref": model.ref, "model_version": model.version, "properties": model.properties,
+            "tags": model.tags, "source": source}
+
+
 def train_and_save(family: str, seed: int, model_dir: str | Path | None = None) -> tuple[training.TrainedModel, data.Split, Path]:
     """Train on the German credit split and write the model folder (a temporary one if none is given)."""
     split = data.split(seed=seed)
@@ -72,16 +109,31 @@ def train_and_save(family: str, seed: int, model_dir: str | Path | None = None) 
 
 
 # ---- endpoint and deployment specs ---------------------------------------------------------------------
-def endpoint_spec(endpoint_name: str, example_dir: str | Path = EXAMPLE_DIR) -> EndpointSpec:
+def endpoint_spec(endpoint_name: str, example_dir: str | Path = EXAMPLE_DIR, *, endpoint_file: str = "",
+                  deployment_file: str = "") -> EndpointSpec:
+    """The endpoint to create when it is missing: the user's `endpoint_file`, a plain key-auth endpoint for
+    their `deployment_file`, or the credit demo's endpoint.yml; named `endpoint_name` in every case."""
+    if endpoint_file:
+        return load_endpoint_spec(endpoint_file, name=endpoint_name)
+    if deployment_file:
+        return EndpointSpec(name=endpoint_name, description=f"rolled out by saferollout from {Path(deployment_file).name}")
     return load_endpoint_spec(Path(example_dir) / "endpoint.yml", name=endpoint_name)
 
 
 def candidate_spec(endpoint_name: str, model_ref: str, fault: str = "none",
-                   example_dir: str | Path = EXAMPLE_DIR) -> DeploymentSpec:
-    """The example deployment.yml for this endpoint and model; `fault` goes to SAFEROLLOUT_FAULT."""
+                   example_dir: str | Path = EXAMPLE_DIR, deployment_file: str = "") -> DeploymentSpec:
+    """The deployment YAML (the user's `deployment_file`, unchanged but for endpoint and model, or the credit
+    example's) for this endpoint and model; `fault` goes to SAFEROLLOUT_FAULT, which only the credit
+    example's scoring script reads, so a fault with another deployment file is refused."""
     if fault not in FAULTS:
         raise SpecError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
-    spec = load_deployment_spec(Path(example_dir) / "deployment.yml", endpoint_name=endpoint_name, model=model_ref)
+    if deployment_file and fault != "none":
+        raise SpecError(f"fault={fault} is injected by the credit example's scoring script only, not by "
+                        f"{deployment_file}: to see a rollback, roll out a model that misbehaves")
+    spec = load_deployment_spec(deployment_file or Path(example_dir) / "deployment.yml", endpoint_name=endpoint_name,
+                                model=model_ref)
+    if deployment_file:
+        return spec
     return spec.with_changes(environment_variables={**spec.environment_variables, "SAFEROLLOUT_FAULT": fault})
 
 
@@ -91,47 +143,64 @@ def smoke_bodies(n: int = 5, batch_size: int = 2, seed: int = 42) -> list[bytes]
     return data.sample_requests(rows, batch_size=batch_size)[:n]
 
 
+def request_bodies(request_file: str = "", n: int = 5) -> list[bytes]:
+    """The user's request bodies (all of `request_file`), or `n` bodies of held-out credit rows (the demo)."""
+    if request_file:
+        from saferollout.traffic import load_request_bodies
+
+        return load_request_bodies(request_file)
+    return smoke_bodies(n)
+
+
 def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str = "none", run_id: str = "",
-           baseline: bool = False, progress: Any = print) -> dict[str, Any]:
+           deployment_file: str = "", endpoint_file: str = "", baseline: bool = False,
+           progress: Any = print) -> dict[str, Any]:
     """The deploy step: endpoint if missing, the rollout lock, then first release or an RC at 0%.
 
     Returns what the notebook records: first_release, prod, rc, baseline, model, phase. A fault applies to a
     release candidate only: a first release always deploys healthy. A first release (or a model PROD
     already serves) ends the rollout here, so the lock is released. With `baseline`, PROD's model is
-    deployed afresh beside the RC (same code and settings), and the gates compare the RC with it.
+    deployed afresh beside the RC (same code and settings: the same deployment file), and the gates compare
+    the RC with it. The deployment and endpoint files are read (and refused when wrong) before anything
+    changes.
     """
-    rollout.ensure_endpoint(backend, endpoint_spec(endpoint_name))
+    spec = candidate_spec(endpoint_name, model_ref, fault, deployment_file=deployment_file)
+    endpoint = endpoint_spec(endpoint_name, endpoint_file=endpoint_file, deployment_file=deployment_file)
+    rollout.ensure_endpoint(backend, endpoint)
     rollout.acquire_lock(backend, endpoint_name, rollout.default_owner(), run_id)
     before = rollout.read_state(backend, endpoint_name)
     first_release = before.prod is None
     if first_release and fault != "none":
         progress(f"first release: fault={fault} ignored (faults apply to a release candidate only)")
-    spec = candidate_spec(endpoint_name, model_ref, "none" if first_release else fault)
+        spec = candidate_spec(endpoint_name, model_ref, "none", deployment_file=deployment_file)
     state = rollout.deploy_candidate(backend, endpoint_name, spec, model_ref, progress=progress)
     nothing_to_roll_out = first_release or state.rc is None
     if nothing_to_roll_out:
         rollout.release_lock(backend, endpoint_name)
     elif baseline:
         assert state.prod_model is not None
-        state = rollout.deploy_baseline(backend, endpoint_name, candidate_spec(endpoint_name, state.prod_model),
-                                        progress=progress)
+        same_code = candidate_spec(endpoint_name, state.prod_model, deployment_file=deployment_file)
+        state = rollout.deploy_baseline(backend, endpoint_name, same_code, progress=progress)
     return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc, "baseline": state.baseline,
             "model": rollout.resolve_model_ref(backend, model_ref), "phase": state.phase.value}
 
 
-def smoke(backend: Backend, endpoint_name: str, rc: str, n: int = 5) -> Any:
-    """Smoke-test the RC through the deployment header; mark it smoke-tested when every answer is right.
-
-    Returns the SmokeResult; a failed smoke test raises GateFailed after the notebook has shown it.
+def smoke(backend: Backend, endpoint_name: str, deployment: str, n: int = 5, *, request_file: str = "",
+          prod: str | None = None) -> Any:
+    """Smoke-test a deployment through the deployment header with the first `n` request bodies: each answer
+    must be a 200 with JSON shaped like `prod`'s answer to the same request (when there is a PROD to compare
+    with). An RC that passes is marked smoke-tested. Returns the SmokeResult; the notebook raises on failure.
     """
-    result = rollout.smoke_test(backend, endpoint_name, rc, smoke_bodies(n))
-    if result.ok:
+    bodies = request_bodies(request_file, n)[:n]
+    result = rollout.smoke_test(backend, endpoint_name, deployment, bodies, reference=prod)
+    if result.ok and prod is not None:
         rollout.mark_smoke_tested(backend, endpoint_name)
     return result
 
 
-def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50) -> dict[str, Any]:
-    """Warm the smoke-tested RC (and the baseline, if any) with `n` held-out requests pinned to each.
+def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50, request_file: str = "") -> dict[str, Any]:
+    """Warm the smoke-tested RC (and the baseline, if any) with `n` requests pinned to each (the request
+    file's bodies in turn, or held-out credit rows), before any live traffic.
 
     A freshly started process answers its first requests more slowly (imports, caches, lazy model state)
     than PROD, which has been serving for a while; the latency gates compare like with like once it is
@@ -141,7 +210,7 @@ def warm_up(backend: Backend, endpoint_name: str, rc: str, n: int = 50) -> dict[
     """
     if n <= 0:
         return {"n": 0, "failed": 0}
-    bodies = smoke_bodies(min(n, 50))
+    bodies = request_bodies(request_file, min(n, 50))
     baseline = rollout.read_state(backend, endpoint_name).baseline
 
     def warm(deployment: str) -> dict[str, Any]:
@@ -191,6 +260,81 @@ def choose_gates(backend: Backend, gates: str | list[dict] | None, window_s: flo
     built = gate_module.build_gates(gate_config(backend, gates, overrides, window_s),
                                     defaults={"max_duration_s": float(window_s)})
     return gate_module.gates_for_backend(built, backend)
+
+
+def agreement_settings(request_file: str, min_agreement: float, max_distance: float, *, answer_path: str = "",
+                       task: str = "auto", rel_tolerance: float = 0.1, abs_tolerance: float = 0.0) -> dict[str, Any]:
+    """The prediction-agreement gate's settings for the named gate lists: the credit demo compares 100 held-out
+    rows in 20 requests per deployment (little load beside what the other gates measure); your request file
+    gives its bodies (at most 50 per deployment)."""
+    settings: dict[str, Any] = {"min_agreement": min_agreement, "max_distance": max_distance, "answer_path": answer_path,
+                                "task": task, "rel_tolerance": rel_tolerance, "abs_tolerance": abs_tolerance}
+    if request_file:
+        return {**settings, "requests": str(request_file), "n": min(50, len(request_bodies(request_file))),
+                "batch_size": 1}
+    return {**settings, "n": 20, "batch_size": 5}
+
+
+def plan_gates(backend: Backend, endpoint_name: str, gates: str | list[dict] | None, window_s: float, rc: str,
+               prod: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> tuple[list[Any], list[dict]]:
+    """(the gates to run, the gates left out with why): choose_gates, then for a named list (`auto`,
+    `aggregate`) only the gates whose evidence can exist on this rollout (leave_out_gates)."""
+    named = gates is None or (isinstance(gates, str) and gates.strip() in ("", "auto", "default", "aggregate"))
+    if not named:  # the user's own list: it keeps its settings; the request file fills what it leaves out
+        gates = with_request_settings(gates, (overrides or {}).get("ml_agreement", {}))
+    built = choose_gates(backend, gates, window_s, overrides)
+    return leave_out_gates(backend, endpoint_name, built, rc, prod) if named else (built, [])
+
+
+REQUEST_SETTINGS = ("requests", "n", "batch_size", "answer_path", "task")
+
+
+def with_request_settings(gates: str | list[dict], agreement: dict[str, Any]) -> list[dict]:
+    """A gate list given by the user, its ml_agreement entries completed with the rollout's request file
+    settings (requests, n, answer_path, task) where an entry does not set them itself."""
+    import yaml
+
+    entries = yaml.safe_load(gates) if isinstance(gates, str) else gates
+    if not isinstance(entries, list):
+        return entries  # build_gates refuses it with its own message
+    fills = {k: v for k, v in agreement.items() if k in REQUEST_SETTINGS}
+    if "requests" not in fills:
+        fills.pop("n", None), fills.pop("batch_size", None)  # the credit rows: the gate's own n
+    return [{**fills, **entry} if isinstance(entry, dict) and entry.get("kind") == "ml_agreement" else entry
+            for entry in entries]
+
+
+def leave_out_gates(backend: Backend, endpoint_name: str, gates: list[Any], rc: str,
+                    prod: str | None) -> tuple[list[Any], list[dict[str, str]]]:
+    """(gates kept, gates left out with why): `gates: auto` includes a gate only where its evidence can exist
+    on this rollout. An offline-quality gate needs its metrics registered on both models (a model brought
+    without them is not compared); a gate list the user gave is kept whole (a gate without evidence fails)."""
+    kept, left_out = [], []
+    for gate in gates:
+        missing = _missing_offline_metrics(backend, endpoint_name, gate, rc, prod)
+        if missing:
+            left_out.append({"name": gate.name, "kind": gate.kind, "reason": missing})
+        else:
+            kept.append(gate)
+    if not kept:  # nothing left to judge the RC is never a pass
+        raise SpecError("every gate was left out: " + "; ".join(f"{g['name']}: {g['reason']}" for g in left_out))
+    return kept, left_out
+
+
+def _missing_offline_metrics(backend: Backend, endpoint_name: str, gate: Any, rc: str, prod: str | None) -> str:
+    if gate.kind != "ml_quality" or prod is None:
+        return ""
+    wanted = list(gate.tolerances)
+    for deployment in (rc, prod):
+        ref = backend.get_deployment(endpoint_name, deployment).model or ""
+        if not ref.startswith("azureml:"):
+            return f"{deployment} serves no registered model, so there are no offline metrics to compare"
+        name, version = parse_model_ref(ref)
+        absent = [m for m in wanted if m not in backend.get_model(name, version).properties]
+        if absent:
+            return (f"model {ref} ({deployment}) has no registered offline metric(s) {', '.join(absent)}: "
+                    "register them as model properties to compare the models offline")
+    return ""
 
 
 def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
@@ -276,6 +420,18 @@ def rollback(backend: Backend, endpoint_name: str, reason: str, run_id: str = ""
     return before, rollout.rollback(backend, endpoint_name, reason)
 
 
+def deployment_log(backend: Backend, endpoint_name: str, deployment: str, lines: int = 30) -> str:
+    """The last `lines` lines of a deployment's log that say something: its per-request lines (thousands
+    under live traffic) are left out, and counted, so init() errors and tracebacks stay in view."""
+    from saferollout.runner import REQUEST_LOG_LINE
+
+    text = backend.get_deployment_logs(endpoint_name, deployment, lines=max(lines * 40, 1000))
+    kept = [line for line in text.splitlines() if not REQUEST_LOG_LINE.search(line)]
+    dropped = len(text.splitlines()) - len(kept)
+    note = [f"({dropped} per-request lines left out)"] if dropped else []
+    return "\n".join(kept[-lines:] + note)
+
+
 def start_demo(backend: Backend, endpoint_name: str, *, rc_percent: int | None = None, fault: str = "none",
                model_name: str = "credit-model-demo", promote: bool = False,
                progress: Any = print) -> rollout.RolloutState:
@@ -288,7 +444,7 @@ def start_demo(backend: Backend, endpoint_name: str, *, rc_percent: int | None =
     if rc_percent is not None:
         candidate = demo_model(backend, model_name)  # same data and seed: a new version that agrees with PROD
         outcome = deploy(backend, endpoint_name, candidate, fault=fault, progress=progress)
-        smoke(backend, endpoint_name, outcome["rc"]).raise_if_failed()
+        smoke(backend, endpoint_name, outcome["rc"], prod=outcome["prod"]).raise_if_failed()
         rollout.shift_traffic(backend, endpoint_name, rc_percent)
         if promote:
             rollout.promote(backend, endpoint_name)

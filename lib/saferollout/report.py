@@ -5,7 +5,9 @@ base64 PNGs), the page keeps one copy of the notebook stylesheet and puts a summ
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import re
 from datetime import datetime, timezone
@@ -31,7 +33,7 @@ def _when(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%H:%M:%S")
 
 
-def summary_table(summary: dict[str, Any]) -> str:
+def summary_table(summary: dict[str, Any], timeline: str = "") -> str:
     """The HTML header of the report: outcome, parameters, steps with timings, gate verdicts, traffic."""
     rows = []
     for step in summary.get("steps", []):
@@ -63,6 +65,13 @@ def summary_table(summary: dict[str, Any]) -> str:
     traffic_rows = "".join(
         f"<tr><td>{html.escape(dep)}</td><td>{c['sent']}</td><td>{c['ok']}</td><td>{c['failed']}</td></tr>"
         for dep, c in (traffic.get("per_deployment") or {}).items())
+    source = html.escape(str(traffic.get("description") or "no live traffic step ran"))
+    left_out = "".join(
+        f"<tr><td>{html.escape(step_id)}</td><td>{html.escape(str(g.get('name')))}</td>"
+        f"<td>{html.escape(str(g.get('reason')))}</td></tr>"
+        for step_id, gates in (summary.get("gates_left_out") or {}).items() for g in gates)
+    left_out_html = ("<h3>Gates left out</h3><table><tr><th>step</th><th>gate</th><th>why</th></tr>"
+                     f"{left_out}</table>") if left_out else ""
     params = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
                      for k, v in summary.get("parameters", {}).items())
     return f"""
@@ -71,17 +80,61 @@ def summary_table(summary: dict[str, Any]) -> str:
 <p>run <code>{html.escape(summary.get('run_id', ''))}</code>, {summary.get('duration_s', 0):.0f}s,
 exit code {summary.get('exit_code')}{' (first release)' if summary.get('first_release') else ''}</p>
 {failure_html}
+{timeline}
 <h3>Steps</h3>
 <table><tr><th>step</th><th>status</th><th>started (UTC)</th><th>duration</th><th>recorded</th></tr>
 {''.join(rows)}</table>
 <h3>Gate verdicts</h3>
 <table><tr><th>step</th><th>gate</th><th>decision</th><th>reason</th></tr>{''.join(gate_rows) or
     '<tr><td colspan=4>no gates ran</td></tr>'}</table>
+{left_out_html}
 <h3>Live traffic (client side)</h3>
+<p class="sr-traffic-source">live traffic: {source}</p>
 <table><tr><th>served by</th><th>sent</th><th>ok</th><th>failed</th></tr>{traffic_rows or
     '<tr><td colspan=4>no live traffic</td></tr>'}</table>
 <h3>Parameters</h3><table>{params}</table>
 </div>"""
+
+
+# ---- the rollout timeline at the top of the report ----------------------------------------------------
+TIMELINE_STEPS = ("deploy", "shift", "validate", "promote", "rollback")  # the steps marked on the timeline
+
+
+def gate_history(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every look of every gate in the run, in order (each validate window, then the bake)."""
+    looks: list[dict[str, Any]] = []
+    for step in summary.get("steps", []):
+        report = (step.get("records") or {}).get("gate_report") or {}
+        looks.extend(dict(v, gate=f"{v.get('gate')}") for v in report.get("history", []))
+    return looks
+
+
+def rollout_timeline(backend: Any, endpoint: str, summary: dict[str, Any], grain: str) -> str:
+    """HTML for the report's opening figures: the traffic split, latency and errors per deployment over the
+    whole run (the steps marked), and each gate's decisions over the whole run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saferollout import plots
+
+    marks = {step["id"]: step["started_at"] for step in summary.get("steps", [])
+             if step.get("started_at") and step["id"].split("-")[0] in TIMELINE_STEPS}
+    start, end = float(summary["started_at"]), float(summary["ended_at"])
+    observed = plots.observe(backend, endpoint, start, end, grain=grain)
+    figures = [plots.rollout_dashboard(observed, marks=marks, title=f"{endpoint}: the whole run")]
+    looks = gate_history(summary)
+    if looks:
+        figures.append(plots.gate_timeline(looks, title="every gate's decisions over the run"))
+    images = []
+    for figure in figures:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=90)
+        plt.close(figure)
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        images.append(f'<img alt="rollout timeline" src="data:image/png;base64,{encoded}">')
+    return '<h3>Timeline</h3><div class="sr-timeline">' + "".join(images) + "</div>"
 
 
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)
@@ -91,6 +144,7 @@ _STYLE = """<style>
 .sr-summary table { border-collapse: collapse; margin-bottom: 1em; }
 .sr-summary td, .sr-summary th { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left;
   vertical-align: top; font-size: 13px; }
+.sr-timeline img { max-width: 100%; display: block; margin-bottom: 0.5em; }
 .sr-badge { color: white; border-radius: 10px; padding: 1px 8px; font-size: 12px; }
 .sr-notebook { border-top: 3px solid #d0d7de; margin-top: 2em; }
 .sr-notebook > h2 { font-family: system-ui, sans-serif; max-width: 1100px; margin: 0.5em auto; }
@@ -108,8 +162,9 @@ def render_notebook(path: Path) -> tuple[str, str]:
     return (head.group(1) if head else ""), (body.group(1) if body else document)
 
 
-def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """report.html: the summary table, then every executed notebook of the run, in order."""
+def write_report(run_dir: Path, summary: dict[str, Any], timeline: str = "") -> Path:
+    """report.html: the outcome and the rollout timeline (`rollout_timeline`'s HTML), the summary table, then
+    every executed notebook of the run, in order."""
     run_dir = Path(run_dir)
     head, sections = "", []
     for step in summary.get("steps", []):
@@ -123,7 +178,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     head = re.sub(r"<title>.*?</title>", "", head, flags=re.S)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(summary.get('runbook', ''))} {html.escape(summary.get('run_id', ''))}</title>"
-            f"{head}{_STYLE}</head><body>{summary_table(summary)}{''.join(sections)}</body></html>")
+            f"{head}{_STYLE}</head><body>{summary_table(summary, timeline)}{''.join(sections)}</body></html>")
     path = run_dir / "report.html"
     path.write_text(page)
     return path

@@ -45,12 +45,14 @@ from saferollout.specs import read_yaml, validate_name
 
 RECORD_MIMETYPE = "application/vnd.saferollout.record+json"
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
-PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path", "gates")
+PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path", "gates", "deployment_file",
+                   "endpoint_file", "request_file", "model")
 RUNBOOK_KEYS = {"name", "description", "parameters", "traffic", "steps", "on_failure"}
-STEP_KEYS = {"id", "notebook", "parameters", "when", "live_traffic", "description"}
+STEP_KEYS = {"id", "notebook", "parameters", "when", "skip_reason", "live_traffic", "description"}
 GROUP_KEYS = {"foreach", "where", "when", "steps", "description"}
 PARAMETER_KEYS = {"default", "type", "choices", "min", "max", "help", "presets"}
-TRAFFIC_KEYS = {"endpoint", "rps", "backend"}
+TRAFFIC_KEYS = {"endpoint", "rps", "backend", "request_file", "live_traffic"}
+LIVE_TRAFFIC = ("generator", "none")
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -63,8 +65,27 @@ def record(name: str, value: Any) -> Any:
     from IPython.display import display
 
     payload = {"name": str(name), "value": json.loads(json.dumps(value, default=str))}
-    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {payload['value']!r}"}, raw=True)
+    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {one_line(payload['value'])}"}, raw=True)
     return value
+
+
+def one_line(value: Any, width: int = 100) -> str:
+    """A value as one line of at most `width` characters: what a reader of a notebook sees of a record (the
+    whole value is in the record itself, and in summary.json)."""
+    if isinstance(value, dict) and len(json.dumps(value)) > width:
+        text = "{" + ", ".join(f"{k}: {_brief(v)}" for k, v in value.items()) + "}"
+    else:
+        text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    text = json.dumps(value)
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def read_records(notebook: Any) -> dict[str, Any]:
@@ -174,9 +195,80 @@ def gate_list(raw: Any) -> str:
     return text
 
 
+# the user's own files: checked whole before anything is deployed, and passed on by absolute path (the
+# notebooks run in their own folder); empty means not given
+def _existing(raw: Any, what: str) -> Path | None:
+    text = "" if raw is None else str(raw).strip()
+    if not text:
+        return None
+    path = Path(text).expanduser().resolve()
+    if not path.exists():
+        raise ValueError(f"no such {what}: {path}")
+    return path
+
+
+def deployment_file(raw: Any) -> str:
+    """An Azure ML CLI v2 deployment YAML, read as the deploy step will read it (its name and endpoint are
+    replaced by the rollout's)."""
+    from saferollout.specs import load_deployment_spec
+
+    path = _existing(raw, "file")
+    if path is None:
+        return ""
+    try:
+        # its model is checked by the register step: `-p model` may replace a path that does not exist yet
+        load_deployment_spec(path, name="check", endpoint_name="check", model="azureml:check:1")
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return str(path)
+
+
+def endpoint_file(raw: Any) -> str:
+    from saferollout.specs import load_endpoint_spec
+
+    path = _existing(raw, "file")
+    if path is None:
+        return ""
+    try:
+        load_endpoint_spec(path, name="check")
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return str(path)
+
+
+def request_file(raw: Any) -> str:
+    from saferollout.traffic import load_request_bodies
+
+    path = _existing(raw, "file")
+    if path is None:
+        return ""
+    try:
+        load_request_bodies(path)
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return str(path)
+
+
+def model_reference(raw: Any) -> str:
+    """`azureml:<name>:<version>`, `azureml:<name>@latest`, or a model file or folder path."""
+    text = "" if raw is None else str(raw).strip()
+    if text.startswith("azureml:"):
+        from saferollout.specs import parse_model_ref
+
+        try:
+            parse_model_ref(text)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+        return text
+    path = _existing(text, "model file or folder (or use azureml:NAME:VERSION)")
+    return str(path) if path else ""
+
+
 _COERCERS: dict[str, Callable[[Any], Any]] = {
     "str": lambda raw: "" if raw is None else str(raw), "int": _number(int), "float": _number(float),
     "bool": _bool, "name": _name, "percent_list": percent_list, "path": lambda raw: str(raw), "gates": gate_list,
+    "deployment_file": deployment_file, "endpoint_file": endpoint_file, "request_file": request_file,
+    "model": model_reference,
 }
 
 
@@ -207,6 +299,7 @@ class Step:
     when: str | None = None
     live_traffic: bool = False
     description: str = ""
+    skip_reason: str = ""  # recorded (references resolved) when `when` skips the step
 
 
 @dataclass
@@ -239,7 +332,8 @@ def _step(data: Any, base: Path, where: str) -> Step:
         raise SpecError(f"step {step_id}: parameters must be a mapping")
     when = data.get("when")
     return Step(step_id, notebook, dict(params), None if when is None else str(when),
-                bool(data.get("live_traffic", False)), str(data.get("description") or ""))
+                bool(data.get("live_traffic", False)), str(data.get("description") or ""),
+                str(data.get("skip_reason") or ""))
 
 
 def load_runbook(path: str | Path) -> Runbook:
@@ -282,9 +376,12 @@ def _check_references(book: Runbook) -> None:
     declared_cache: dict[Path, set[str]] = {}
 
     def check(step: Step, known_steps: list[str], extra_roots: set[str]) -> None:
-        texts = [str(v) for v in step.parameters.values()] + ([step.when] if step.when else [])
+        texts = [str(v) for v in step.parameters.values()] + ([step.when] if step.when else []) + (
+            [step.skip_reason] if step.skip_reason else [])
         for text in texts:
-            for ref in REFERENCE.findall(text):
+            for ref in (alt for whole in REFERENCE.findall(text) for alt in _alternatives(whole)):
+                if _literal(ref) is not _NOT_LITERAL:
+                    continue
                 root, _, rest = ref.partition(".")
                 if root == "parameters" and rest not in book.parameters:
                     raise SpecError(f"step {step.id}: ${{{ref}}} names unknown parameter {rest!r}")
@@ -374,8 +471,39 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 
 # ---- references and conditions ------------------------------------------------------------------------
+_NOT_LITERAL = object()
+
+
+def _alternatives(ref: str) -> list[str]:
+    """`steps.train.model_dir ?? ''` -> ['steps.train.model_dir', "''"]: the first that has a value wins."""
+    return [part.strip() for part in ref.split("??")]
+
+
+def _literal(text: str) -> Any:
+    """A quoted string or a number written after `??`; _NOT_LITERAL for a reference."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    try:
+        return json.loads(text) if text and (text[0].isdigit() or text[0] == "-") else _NOT_LITERAL
+    except ValueError:
+        return _NOT_LITERAL
+
+
 def lookup(ref: str, context: Mapping[str, Any]) -> Any:
-    """The value `ref` (e.g. 'steps.register.model_ref') names in `context`; SpecError if there is none."""
+    """The value `ref` (e.g. 'steps.register.model_ref') names in `context`; SpecError if there is none.
+
+    `a ?? b` is `a`, or `b` when `a` has no value (a step that was skipped, say); `b` may be a quoted string.
+    """
+    alternatives = _alternatives(ref)
+    if len(alternatives) > 1:
+        for alternative in alternatives[:-1]:
+            try:
+                return lookup(alternative, context)
+            except SpecError:
+                continue
+        last = _literal(alternatives[-1])
+        return lookup(alternatives[-1], context) if last is _NOT_LITERAL else last
     root, _, rest = ref.strip().partition(".")
     if root not in context:
         raise SpecError(f"${{{ref}}}: nothing called {root!r} is known here")
@@ -470,7 +598,7 @@ def plan(book: Runbook, parameters: Mapping[str, Any]) -> list[Step]:
                 when = " and ".join(f"({c})" for c in conditions) or None
                 steps.append(Step(f"{child.id}-{value}", child.notebook, _substitute_item(child.parameters, value),
                                   None if when is None else _substitute_item(when, value), child.live_traffic,
-                                  child.description))
+                                  child.description, _substitute_item(child.skip_reason, value)))
     ids = [s.id for s in steps] + [s.id for s in book.on_failure]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from rich.console import Console
 from rich.text import Text
 
 from saferollout.errors import SpecError
-from saferollout.runbook import (Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
+from saferollout.runbook import (LIVE_TRAFFIC, Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
                                  resolve_parameters)
 
+REQUEST_LOG_LINE = re.compile(r"gunicorn\.access|azmlinfsrv - (GET|POST|HEAD) /")  # a model server's per-request line
 GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
+PROD_RECORD = "prod"  # the deploy step records the endpoint's PROD: the run deployed something to draw
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
 STATUS_IN_PROGRESS = "in_progress"  # a run continued step by step, with steps still to come
 STATUS_RUNNING = "running"  # written after each step while the run goes on (a killed run keeps it)
@@ -82,7 +85,8 @@ def _load_previous(run_dir: Path) -> dict[str, Any]:
 
 
 class _Echo:
-    """A file-like sink for papermill's stdout/stderr: prints kernel output lines under the step's id."""
+    """A file-like sink for papermill's stdout/stderr: prints kernel output lines under the step's id, but
+    not the inference server's per-request lines a notebook may show (they stay in the notebook)."""
 
     def __init__(self, console: Console, step_id: str, enabled: bool):
         self.console, self.step_id, self.enabled, self._buffer = console, step_id, enabled, ""
@@ -91,12 +95,31 @@ class _Echo:
         self._buffer += text
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
-            if self.enabled and line.strip():
+            if self.enabled and line.strip() and not REQUEST_LOG_LINE.search(line):
                 self.console.print(Text.assemble((f"  {self.step_id} | ", "dim"), line), soft_wrap=True)
         return len(text)
 
     def flush(self) -> None:
         pass
+
+
+KERNEL_LOG = "kernels.log"
+
+
+def kernel_manager_for(run_dir: Path) -> type:
+    """A kernel manager class whose kernel processes write their own output (ipykernel's warning that it
+    talks TCP without encryption, the output of processes a kernel starts) to `run_dir/kernels.log` instead
+    of the runner's console. Cell output is not affected: it reaches the console through papermill."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    log_path = (Path(run_dir) / KERNEL_LOG).resolve()  # papermill runs the kernel from the notebook's folder
+
+    class RunKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            with log_path.open("ab") as log:
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+
+    return RunKernelManager
 
 
 def new_run_dir(runs_dir: str | Path, name: str) -> Path:
@@ -138,6 +161,7 @@ class Runner:
         self.results: list[StepResult] = []
         self.recorded: dict[str, dict[str, Any]] = {}
         self.traffic_proc: Any = None
+        self.traffic_source: dict[str, Any] | None = None  # which live traffic the gates judged (live_traffic)
         self.traffic_started_at: float | None = None
         self.started_at = time.time()
         self.only = only
@@ -165,9 +189,10 @@ class Runner:
         ctx = self.context(failure)
         try:
             if step.when and not evaluate(step.when, ctx):
-                result.status, result.skipped_because = "skipped", step.when
-                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped (when: {step.when})[/dim]",
-                                   highlight=False)
+                reason = str(resolve(step.skip_reason, ctx)) if step.skip_reason else f"when: {step.when}"
+                result.status, result.skipped_because = "skipped", reason
+                self.recorded[step.id] = {}
+                self.console.print(f"[dim]-- {index:02d} {step.id}: skipped ({reason})[/dim]", highlight=False)
                 return result
             result.parameters = resolve(step.parameters, ctx)
         except SpecError as exc:
@@ -190,7 +215,8 @@ class Runner:
         try:
             papermill.execute_notebook(str(step.notebook), str(output), parameters=result.parameters,
                                        kernel_name=self.kernel_name, progress_bar=False, stdout_file=sink,
-                                       stderr_file=sink, cwd=str(step.notebook.parent))
+                                       stderr_file=sink, cwd=str(step.notebook.parent),
+                                       kernel_manager_class=kernel_manager_for(self.run_dir))
             result.status = "ok"
         except Exception as exc:  # noqa: BLE001 (any failure of a step is recorded, then on_failure runs)
             result.status, result.error = "failed", _failure(step, exc)
@@ -209,18 +235,39 @@ class Runner:
         return result
 
     # ---- live traffic ---------------------------------------------------------------------------------
+    def live_traffic(self) -> dict[str, Any]:
+        """Which live traffic the gates judge: `generator` (ours, replaying the request file or the credit
+        rows) or `none` (the traffic real clients send, the normal case on Azure)."""
+        settings = resolve(self.book.traffic, self.context())
+        source = str(settings.get("live_traffic") or "generator")
+        if source not in LIVE_TRAFFIC:
+            raise SpecError(f"live_traffic must be one of {', '.join(LIVE_TRAFFIC)}, got {source!r}")
+        if source == "none":
+            return {"source": "none", "endpoint": settings.get("endpoint"),
+                    "description": "none: no generator ran; the gates judged the traffic real clients sent"}
+        request_file = str(settings.get("request_file") or "")
+        replayed = request_file or "held-out German credit rows"
+        return {"source": "generator", "endpoint": settings.get("endpoint"), "rps": settings.get("rps"),
+                "request_file": request_file or None,
+                "description": f"generator: {settings.get('rps')} rps replaying {replayed}"}
+
     def start_traffic(self) -> None:
-        if self.traffic_proc is not None or not self.book.traffic:
+        if self.traffic_proc is not None or self.traffic_source is not None or not self.book.traffic:
             return
         from saferollout import traffic
 
         settings = resolve(self.book.traffic, self.context())
-        self.console.print(f"[cyan]~~ live traffic: {settings.get('rps')} rps to {settings.get('endpoint')}[/cyan]")
+        self.traffic_source = self.live_traffic()
+        self.console.print(f"[cyan]~~ live traffic to {settings.get('endpoint')}: "
+                           f"{self.traffic_source['description']}[/cyan]", highlight=False)
+        if self.traffic_source["source"] == "none":
+            return
         self.traffic_started_at = time.time()
         self.traffic_proc = traffic.start_background(
             str(settings["endpoint"]), float(settings.get("rps") or 10), duration_s=None,
             results_path=self.run_dir / "traffic.jsonl", backend=str(settings.get("backend") or "local"),
-            home=os.environ.get("SAFEROLLOUT_HOME"), stop_with_pid=os.getpid())
+            home=os.environ.get("SAFEROLLOUT_HOME"), stop_with_pid=os.getpid(),
+            request_file=self.traffic_source.get("request_file"))
 
     def stop_orphaned_traffic(self) -> None:
         """A run killed while its live traffic flowed left the generator running: stop it before resuming."""
@@ -234,7 +281,7 @@ class Runner:
 
     def stop_traffic(self) -> dict[str, Any] | None:
         if self.traffic_proc is None:
-            return None
+            return dict(self.traffic_source) if self.traffic_source else None
         from saferollout import traffic
 
         result = traffic.stop_background(self.traffic_proc)
@@ -246,7 +293,7 @@ class Runner:
         summary = result.to_dict() if result is not None else {}
         summary["per_deployment"] = client_outcomes(path)
         summary["results_file"] = path.name
-        return summary
+        return {**(self.traffic_source or {}), **summary}
 
     def reclaim_lock(self) -> None:
         """A continued run (resumed, or the next CI job) holds its rollout lock as this runner process."""
@@ -306,13 +353,30 @@ class Runner:
 
         write_summary(self.run_dir, summary)
         try:
-            write_report(self.run_dir, summary)
+            write_report(self.run_dir, summary, self.timeline(summary))
         except Exception as exc:  # noqa: BLE001 (the run's outcome stands even if rendering fails)
             self.console.print(f"[yellow]report.html not written: {exc}[/yellow]")
         colour = "green" if status in (STATUS_COMPLETED, STATUS_IN_PROGRESS) else "red"
         self.console.print(f"[bold {colour}]{status}[/bold {colour}] in {summary['duration_s']:.0f}s: "
                            f"{self.run_dir / 'summary.json'}, {self.run_dir / 'report.html'}")
         return RunResult(self.run_dir, status, summary)
+
+    def timeline(self, summary: dict[str, Any]) -> str:
+        """The report's rollout timeline, from the endpoint's metrics over the run; empty (with a note on the
+        console) when the runbook names no endpoint or its metrics cannot be read."""
+        if not self.book.traffic or not any(PROD_RECORD in r.records for r in self.merged_results()):
+            return ""  # nothing was deployed by this run: no endpoint to draw (nor a platform to start)
+        from saferollout import get_backend
+        from saferollout.report import rollout_timeline
+
+        settings = resolve(self.book.traffic, self.context())
+        try:
+            backend = get_backend(str(settings.get("backend") or "local"))
+            grain = "PT5S" if backend.name == "local" else "PT1M"
+            return rollout_timeline(backend, str(settings["endpoint"]), summary, grain)
+        except Exception as exc:  # noqa: BLE001 (the report is written without it)
+            self.console.print(f"[yellow]no rollout timeline in report.html: {exc}[/yellow]", highlight=False)
+            return ""
 
     def earlier_failure(self) -> dict[str, Any] | None:
         """A resumed run (not step by step) whose earlier invocation had a step fail: that failure, so the run
@@ -356,6 +420,7 @@ class Runner:
             "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in results},
             "gates": {step: {"decision": g.get("decision"),
                              "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
+            "gates_left_out": {r.id: r.records["gates_left_out"] for r in results if r.records.get("gates_left_out")},
             "failure": failure, "traffic": traffic_summary or self.previous["traffic"], "python": sys.executable,
         }
 

@@ -10,9 +10,9 @@ to a JSON-lines file as it completes, so the record survives a kill:
 
 `status` is 0 when no answer came back (connection refused, client timeout); `error` then says why.
 
-`saferollout traffic -n ENDPOINT --rps R --duration D` replays held-out rows of the German credit data;
-`python -m saferollout.traffic ...` is the same command, which `start_background` runs as a detached
-process for the gates of a runbook.
+`saferollout traffic -n ENDPOINT --rps R --duration D` replays held-out rows of the German credit data, or
+the bodies of a request file (`--request-file`, see `load_request_bodies`); `python -m saferollout.traffic ...`
+is the same command, which `start_background` runs as a detached process for the gates of a runbook.
 """
 from __future__ import annotations
 
@@ -94,6 +94,36 @@ class TrafficResult:
         result.started_at = started_at if started_at is not None else (first or 0.0)
         result.ended_at = ended_at if ended_at is not None else (last or result.started_at)
         return result
+
+
+def load_request_bodies(path: str | Path) -> list[bytes]:
+    """The request bodies of a user's request file: one JSON body (what `az ml online-endpoint invoke
+    --request-file` takes), or a `.jsonl` file with one body per line (blank lines skipped).
+
+    Each body is sent as the file holds it (re-encoded compactly). SpecError names the file, and the line,
+    of anything that is not a JSON body.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"request_file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    else:
+        lines = [(0, text)]
+    bodies = []
+    for number, line in lines:
+        try:
+            body = json.loads(line)
+        except ValueError as exc:
+            where = f" line {number}" if number else ""
+            several = not number and "Extra data" in str(exc)
+            hint = " (one body per line? name the file .jsonl)" if several else ""
+            raise SpecError(f"request_file {str(path)!r}{where} is not JSON: {exc}{hint}") from None
+        bodies.append(json.dumps(body).encode())
+    if not bodies:
+        raise SpecError(f"request_file {str(path)!r} holds no request body")
+    return bodies
 
 
 def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float | None]:
@@ -284,13 +314,15 @@ def summarize(results_path: str | Path) -> TrafficResult:
 
 def start_background(endpoint: str, rps: float, *, duration_s: float | None, results_path: str | Path,
                      backend: str = "local", home: str | None = None, batch_size: int = 1,
-                     wait_started: bool = True, stop_with_pid: int | None = None) -> subprocess.Popen:
+                     wait_started: bool = True, stop_with_pid: int | None = None,
+                     request_file: str | Path | None = None) -> subprocess.Popen:
     """Run `python -m saferollout.traffic` (the `saferollout traffic` command) detached from the caller.
 
     Its output goes to `<results>.log` and its pid to `<results>.pid`. With `wait_started`, returns once
     the generator has begun (its results file exists), or raises BackendError with the log if it died.
     `duration_s=None` runs until `stop_background` (at most UNBOUNDED_CAP_S), or until the process
-    `stop_with_pid` ends (a runner that was killed leaves no live traffic behind).
+    `stop_with_pid` ends (a runner that was killed leaves no live traffic behind). `request_file` replays
+    the user's request bodies instead of the German credit rows.
     """
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +331,8 @@ def start_background(endpoint: str, rps: float, *, duration_s: float | None, res
                "--batch-size", str(batch_size), "--backend", backend, "--quiet", "-o", "none"]
     if stop_with_pid is not None:
         command += ["--stop-with", str(stop_with_pid)]
+    if request_file:
+        command += ["--request-file", str(Path(request_file).resolve())]
     env = dict(os.environ)
     if home:
         env["SAFEROLLOUT_HOME"] = str(home)
@@ -378,8 +412,8 @@ def register(subparsers: Any) -> None:
     """Add `saferollout traffic -n ENDPOINT --rps R --duration D [--results FILE] [--batch-size N]`."""
     from saferollout.cli import common_options
 
-    text = ("Replay held-out rows of the German credit data to an endpoint at a fixed rate (open loop), "
-            "like live clients, and report the client-side outcome.")
+    text = ("Replay held-out rows of the German credit data (or the bodies of --request-file) to an endpoint at "
+            "a fixed rate (open loop), like live clients, and report the client-side outcome.")
     parser = subparsers.add_parser("traffic", help="send live-like traffic to an endpoint", description=text,
                                    parents=[common_options()])
     parser.add_argument("-n", "--name", "--endpoint-name", dest="name", required=True, help="endpoint name")
@@ -388,6 +422,8 @@ def register(subparsers: Any) -> None:
                         help="seconds to run (default 60; 0 = until stopped, at most 4 hours)")
     parser.add_argument("--results", help="append each request's outcome to this JSON-lines file")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per request (default 1)")
+    parser.add_argument("--request-file", default=None,
+                        help="replay these request bodies instead: one JSON body, or a .jsonl file of one per line")
     parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT,
                         help=f"bound on requests awaiting an answer (default {DEFAULT_MAX_IN_FLIGHT})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
@@ -412,7 +448,10 @@ def traffic_command(args: Any, backend_factory: Callable[[], Any]) -> int:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     backend = backend_factory()
     backend.get_endpoint(args.name)  # NotFound with the platform's message before any load is built
-    bodies = data.sample_requests(data.split(seed=args.seed).X_test, args.batch_size)
+    if getattr(args, "request_file", None):
+        bodies = load_request_bodies(args.request_file)
+    else:
+        bodies = data.sample_requests(data.split(seed=args.seed).X_test, args.batch_size)
     generator = LoadGenerator(backend, args.name, bodies, args.rps, args.duration or None,
                               results_path=args.results, max_in_flight=args.max_in_flight)
     _stop_on_sigterm(generator)

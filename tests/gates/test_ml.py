@@ -71,8 +71,8 @@ def scorer(flip_every=0, status=200):
 
 
 def requests_file(tmp_path, n=100):
-    path = tmp_path / "requests.json"
-    path.write_text(json.dumps([{"data": [{"credit_amount": 37 * i + 11}]} for i in range(n)]))
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps({"data": [{"credit_amount": 37 * i + 11}]}) + "\n" for i in range(n)))
     return str(path)
 
 
@@ -113,16 +113,21 @@ def test_agreement_with_a_missing_requests_file_is_inconclusive(context, tmp_pat
 def test_agreement_with_answers_that_are_not_predictions_is_inconclusive(context, tmp_path):
     fake = FakeBackend(scorers={"green": lambda body: (200, {"result": 1}), "blue": scorer()})
     verdict = AgreementGate(requests=requests_file(tmp_path), n=5).check(context(fake, 0))
-    assert verdict.decision == "inconclusive" and "is not JSON with a 'predictions' list" in verdict.reason
+    assert verdict.decision == "inconclusive"
+    assert verdict.reason.startswith("an answer is neither a list nor an object with 'predictions' (result): give "
+                                     "answer_path")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[{\"data\": []}", "is not JSON"),
-    ("{\"data\": []}", "must hold a JSON list of request bodies"),
-    (json.dumps([{"data": [{"credit_amount": 1}]}] * 3), "holds 3 request bodies; the gate compares n=5"),
+@pytest.mark.parametrize("name, content, message", [
+    ("requests.jsonl", "{\"data\": []}\n[{\"data\": []}", "requests.jsonl' line 2 is not JSON"),
+    ("requests.json", "{\"data\": []}\n{\"data\": []}", "(one body per line? name the file .jsonl)"),
+    ("requests.jsonl", "\n\n", "holds no request body"),
+    ("requests.jsonl", (json.dumps({"data": [{"credit_amount": 1}]}) + "\n") * 3,
+     "holds 3 request bodies; the gate compares n=5"),
 ])
-def test_agreement_with_a_bad_or_short_requests_file_is_inconclusive_naming_it(context, tmp_path, content, message):
-    path = tmp_path / "requests.json"
+def test_agreement_with_a_bad_or_short_requests_file_is_inconclusive_naming_it(context, tmp_path, name, content,
+                                                                              message):
+    path = tmp_path / name
     path.write_text(content)
     fake = FakeBackend(scorers={"green": scorer(), "blue": scorer()})
     verdict = AgreementGate(requests=str(path), n=5).check(context(fake, 0))
@@ -160,3 +165,90 @@ def test_ks_distance_is_available(context, tmp_path):
     fake = FakeBackend(scorers={"green": scorer(), "blue": scorer()})
     verdict = AgreementGate(requests=requests_file(tmp_path), distance="ks", max_distance=0.1).check(context(fake, 0))
     assert verdict.decision == "pass" and verdict.evidence["distance"] == "ks"
+
+
+# ---- any answer shape, either task --------------------------------------------------------------------
+
+def rows_of(body):
+    return [r["credit_amount"] for r in json.loads(body)["data"]]
+
+
+def answering(shape):
+    """A scorer answering in `shape` from a per-row function of credit_amount."""
+    return lambda fn: (lambda body: (200, shape([fn(x) for x in rows_of(body)])))
+
+
+REGRESSION = lambda x: 100.0 + x / 7.0  # noqa: E731
+
+
+@pytest.mark.parametrize("shape, answer_path", [
+    (lambda values: values, ""),                                   # a bare list
+    (lambda values: {"predictions": values}, ""),                  # MLflow's answer
+    (lambda values: {"output": {"price": values}}, "output.price"),  # where answer_path points
+])
+def test_agreement_reads_a_regression_answer_in_any_shape_and_infers_the_task(context, tmp_path, shape, answer_path):
+    fake = FakeBackend(scorers={"green": answering(shape)(lambda x: REGRESSION(x) * 1.01),
+                                "blue": answering(shape)(REGRESSION)})
+    verdict = AgreementGate(requests=requests_file(tmp_path), n=50, answer_path=answer_path).check(context(fake, 0))
+    assert verdict.decision == "pass", verdict.reason
+    assert verdict.evidence["task"] == "regression" and verdict.evidence["agreement"] == 1.0
+    assert verdict.evidence["task_inferred"] == "the predictions are numbers, not all whole"
+    assert verdict.reason.startswith("regression: predictions within 0.1 (relative) or 0 (absolute) of PROD's on 100.0%")
+
+
+def test_agreement_fails_a_regression_model_that_answers_a_constant(context, tmp_path):
+    fake = FakeBackend(scorers={"green": answering(list)(lambda x: 250.0), "blue": answering(list)(REGRESSION)})
+    verdict = AgreementGate(requests=requests_file(tmp_path), n=50, min_agreement=0.8, max_distance=0.5).check(
+        context(fake, 0))
+    assert verdict.decision == "fail" and verdict.evidence["agreement"] < 0.5
+    assert "agreement below 80.0% and psi above 0.5" in verdict.reason
+
+
+def test_agreement_tolerances_decide_which_regression_rows_agree(context, tmp_path):
+    fake = FakeBackend(scorers={"green": answering(list)(lambda x: REGRESSION(x) + 3.0),
+                                "blue": answering(list)(REGRESSION)})
+    tight = AgreementGate(requests=requests_file(tmp_path), n=20, rel_tolerance=0, abs_tolerance=1.0,
+                          task="regression").check(context(fake, 0))
+    loose = AgreementGate(requests=requests_file(tmp_path), n=20, rel_tolerance=0, abs_tolerance=5.0,
+                          task="regression", max_distance=10).check(context(fake, 0))
+    assert tight.decision == "fail" and tight.evidence["agreement"] == 0.0
+    assert tight.evidence["task_inferred"] == "given by the gate's task setting"
+    assert loose.decision == "pass" and loose.evidence["agreement"] == 1.0
+
+
+def test_agreement_reads_class_probabilities_as_rows_of_lists(context, tmp_path):
+    probs = lambda x: [1 - (x % 1000) / 1000, (x % 1000) / 1000]  # noqa: E731
+    flipped = lambda x: list(reversed(probs(x)))  # noqa: E731
+    same = FakeBackend(scorers={"green": answering(list)(probs), "blue": answering(list)(probs)})
+    flip = FakeBackend(scorers={"green": answering(list)(flipped), "blue": answering(list)(probs)})
+    ok = AgreementGate(requests=requests_file(tmp_path), n=50).check(context(same, 0))
+    bad = AgreementGate(requests=requests_file(tmp_path), n=50).check(context(flip, 0))
+    assert ok.decision == "pass" and ok.evidence["task"] == "classification" and ok.evidence["distance_value"] == 0
+    assert "class probabilities" in ok.evidence["task_inferred"]
+    assert bad.decision == "fail" and bad.evidence["agreement"] < 0.1
+
+
+def test_agreement_on_labels_without_scores_says_it_compared_no_distance(context, tmp_path):
+    labels = lambda x: "good" if x % 3 else "bad"  # noqa: E731
+    fake = FakeBackend(scorers={"green": answering(list)(labels), "blue": answering(list)(labels)})
+    verdict = AgreementGate(requests=requests_file(tmp_path), n=30).check(context(fake, 0))
+    assert verdict.decision == "pass" and verdict.evidence["distance_value"] is None
+    assert "no scores to compare" in verdict.reason
+    assert verdict.evidence["task_inferred"] == "the predictions are labels (strings or booleans)"
+
+
+def test_agreement_with_an_answer_path_that_finds_nothing_is_inconclusive_naming_it(context, tmp_path):
+    fake = FakeBackend(scorers={"green": answering(list)(REGRESSION), "blue": answering(list)(REGRESSION)})
+    verdict = AgreementGate(requests=requests_file(tmp_path), n=5, answer_path="result.values").check(context(fake, 0))
+    assert verdict.decision == "inconclusive"
+    assert verdict.reason.startswith("answer_path 'result.values' finds nothing in the answer [")
+
+
+def test_an_answer_path_that_is_not_jmespath_is_refused_when_the_gate_is_built():
+    from saferollout.errors import SpecError
+    from saferollout.gates import build_gates
+
+    with pytest.raises(SpecError, match=r"answer_path 'output\[' is not a JMESPath expression"):
+        build_gates([{"kind": "ml_agreement", "answer_path": "output["}])
+    with pytest.raises(SpecError, match="task must be one of auto, classification, regression"):
+        build_gates([{"kind": "ml_agreement", "task": "ranking"}])
