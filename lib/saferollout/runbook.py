@@ -207,46 +207,38 @@ def _existing(raw: Any, what: str) -> Path | None:
     return path
 
 
+def _checked_file(raw: Any, read: Callable[[Path], Any]) -> str:
+    """The file's absolute path once `read` accepted it ("" when not given); its SpecError as a ValueError."""
+    path = _existing(raw, "file")
+    if path is None:
+        return ""
+    try:
+        read(path)
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return str(path)
+
+
 def deployment_file(raw: Any) -> str:
     """An Azure ML CLI v2 deployment YAML, read as the deploy step will read it (its name and endpoint are
     replaced by the rollout's)."""
     from saferollout.specs import load_deployment_spec
 
-    path = _existing(raw, "file")
-    if path is None:
-        return ""
-    try:
-        # its model is checked by the register step: `-p model` may replace a path that does not exist yet
-        load_deployment_spec(path, name="check", endpoint_name="check", model="azureml:check:1")
-    except SpecError as exc:
-        raise ValueError(str(exc)) from None
-    return str(path)
+    # its model is checked by the register step: `-p model` may replace a path that does not exist yet
+    return _checked_file(raw, lambda path: load_deployment_spec(path, name="check", endpoint_name="check",
+                                                                 model="azureml:check:1"))
 
 
 def endpoint_file(raw: Any) -> str:
     from saferollout.specs import load_endpoint_spec
 
-    path = _existing(raw, "file")
-    if path is None:
-        return ""
-    try:
-        load_endpoint_spec(path, name="check")
-    except SpecError as exc:
-        raise ValueError(str(exc)) from None
-    return str(path)
+    return _checked_file(raw, lambda path: load_endpoint_spec(path, name="check"))
 
 
 def request_file(raw: Any) -> str:
     from saferollout.traffic import load_request_bodies
 
-    path = _existing(raw, "file")
-    if path is None:
-        return ""
-    try:
-        load_request_bodies(path)
-    except SpecError as exc:
-        raise ValueError(str(exc)) from None
-    return str(path)
+    return _checked_file(raw, load_request_bodies)
 
 
 def model_reference(raw: Any) -> str:

@@ -229,12 +229,9 @@ class Gateway:
         builds it from the scoring script's schema decorators: the deployment the header names, else the one
         with the most traffic. Authenticated as scoring is."""
         request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
-        route = self.routes.get(request.match_info["endpoint"])
-        if route is None:
-            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
-        refusal = self._authorize(route, request.headers.get("Authorization", ""))
-        if refusal:
-            return _reply(401, refusal, request_id)
+        route = self._authorized_route(request, request_id)
+        if isinstance(route, web.Response):
+            return route
         name = request.headers.get(DEPLOYMENT_HEADER) or max(
             (n for n, w in route.traffic.items() if w > 0 and n in route.pools), key=route.traffic.get, default=None)
         pool = route.pools.get(name) if name else None
@@ -267,12 +264,9 @@ class Gateway:
     async def score(self, request: web.Request) -> web.StreamResponse:
         started, arrival = time.perf_counter(), self.clock()
         request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
-        route = self.routes.get(request.match_info["endpoint"])
-        if route is None:
-            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
-        refusal = self._authorize(route, request.headers.get("Authorization", ""))
-        if refusal:
-            return _reply(401, refusal, request_id)
+        route = self._authorized_route(request, request_id)
+        if isinstance(route, web.Response):
+            return route
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             return _reply(413, f"request body of {request.content_length} bytes is over the limit of "
                                f"{self.max_body_bytes} bytes", request_id)
@@ -307,6 +301,16 @@ class Gateway:
             self._maybe_mirror(route, body, content_type or "application/json", request_id, pool.name,
                                response)
         return response
+
+    def _authorized_route(self, request: web.Request, request_id: str) -> EndpointRoute | web.Response:
+        """The endpoint the request names, or the 404 or 401 answer to give instead."""
+        route = self.routes.get(request.match_info["endpoint"])
+        if route is None:
+            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
+        refusal = self._authorize(route, request.headers.get("Authorization", ""))
+        if refusal:
+            return _reply(401, refusal, request_id)
+        return route
 
     def _authorize(self, route: EndpointRoute, header: str) -> str | None:
         scheme, _, credential = header.partition(" ")
