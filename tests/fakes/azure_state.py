@@ -136,15 +136,24 @@ class FakeWorkspaceState:
         path = self.root / "usage.jsonl"
         if not path.exists():
             return []
-        rows = (json.loads(line) for line in path.read_text().splitlines())
+        rows = (json.loads(line) for line in self._read_locked(path).splitlines())
         return [r for r in rows if r["endpoint"] == endpoint and r["deployment"] == deployment
                 and start <= r["ts"] < end]
+
+    def _read_locked(self, path: Path) -> str:
+        """A log as the writers left it: under the lock, so a line being appended is never read half-written."""
+        with open(self.lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                return path.read_text()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def request_rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
         if not self.requests_path.exists():
             return []
         rows = []
-        for line in self.requests_path.read_text().splitlines():
+        for line in self._read_locked(self.requests_path).splitlines():
             row = tuple(json.loads(line))
             if row[1] == endpoint and start <= row[0] < end:
                 rows.append(row)
