@@ -84,7 +84,7 @@ def plan(healthy: int, faulty: int) -> list[dict[str, Any]]:
 
 
 def run(healthy: int, faulty: int) -> dict[str, Any]:
-    from saferollout.backends.local.daemon import stop_platform
+    from saferollout.backends.local.client import stop_platform
 
     note = "client, platform, instances and kernels share this machine; other work on it adds noise"
     data: dict[str, Any] = {"environment": publish.environment(note), "healthy": healthy, "faulty": faulty,

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         publish.write_section(SECTION, markdown(result))
         return 0
 
-    from saferollout.backends.local.daemon import stop_platform
+    from saferollout.backends.local.client import stop_platform
 
     note = "client, platform, instances and kernels share this machine; other work on it adds noise"
     result: dict[str, Any] = {"environment": publish.environment(note), "rps": args.rps}

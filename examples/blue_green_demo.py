@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from saferollout.backends.local.backend import LocalBackend
-    from saferollout.backends.local.daemon import platform_status, stop_platform
+    from saferollout.backends.local.client import platform_status, stop_platform
     from saferollout.errors import NotFound, SafeRolloutError
 
     console = Console(width=None if sys.stdout.isatty() else 110)  # a log file gets the whole table

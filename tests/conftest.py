@@ -12,7 +12,7 @@ import pytest
 
 from saferollout import data, training
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import stop_platform
+from saferollout.backends.local.client import stop_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "credit-risk"
@@ -59,3 +59,11 @@ def unique_name():
     def make(prefix: str = "ep") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:8]}"
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first (order within a file kept): `make test` hands whole files to two workers
+    in this order (`--dist loadfile`), so the longest start early instead of leaving one worker busy alone at
+    the end (the notebook, own-model and runbook files take 1-4 minutes each)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

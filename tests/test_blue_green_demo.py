@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from saferollout.backends.local.daemon import platform_status
+from saferollout.backends.local.client import platform_status
 from saferollout.errors import NotFound
 
 

@@ -11,7 +11,8 @@ from saferollout.errors import SpecError
 
 class FakeBackend:
     def __init__(self, name: str, raw: bool):
-        self.name, self.supports_raw_samples = name, raw
+        self.name, self.supports_raw_samples, self.supports_mirrored_pairs = name, raw, raw
+        self.finest_grain = "PT5S" if name == "local" else "PT1M"
         self.metrics_delay_s = 180.0 if name == "azure" else 0.0
 
 
@@ -111,9 +112,9 @@ class Registry:
     def get_model(self, name, version=None):
         return self.models[(name, int(version))]
 
-    def register_model(self, name, path, *, description="", tags=None, properties=None):
-        self.registered.append((name, path, tags))
-        return self.Model(name, len(self.registered), path, tags=tags or {}, properties=properties or {})
+    def register_model(self, name, path, *, description="", tags=None, properties=None, type="custom_model"):
+        self.registered.append((name, path, tags, type))
+        return self.Model(name, len(self.registered), path, tags=tags or {}, properties=properties or {}, type=type)
 
 
 def test_a_fault_is_refused_with_a_deployment_file_whose_script_does_not_inject_it():
@@ -161,6 +162,7 @@ def test_auto_leaves_out_offline_quality_without_registered_metrics_and_says_why
                                 ("m", 2): Model("m", 2, "/2", properties={})},
                         deployments={"blue": "azureml:m:1", "green": "azureml:m:2"})
     registry.name, registry.supports_raw_samples, registry.metrics_delay_s = "local", True, 0.0
+    registry.supports_mirrored_pairs, registry.finest_grain = True, "PT5S"
     gates, left_out = pipeline.plan_gates(registry, "ep", "auto", 30, "green", "blue")
     assert "ml_quality" not in [g.kind for g in gates] and "ml_agreement" in [g.kind for g in gates]
     assert left_out == [{"name": "offline-quality", "kind": "ml_quality",
@@ -215,3 +217,66 @@ def test_the_runners_console_does_not_echo_per_request_lines():
     sink.write('x gunicorn.access - 127.0.0.1 "POST /score HTTP/1.0" 200\nazmlinfsrv - POST /score 200 0.3ms\n'
                "last lines of the failed RC's log:\n")
     assert out.getvalue() == "  rollback | last lines of the failed RC's log:\n"
+
+
+def test_an_mlflow_folder_is_registered_as_an_mlflow_model(tmp_path):
+    """So that a deployment YAML without code_configuration can serve it (Azure's no-code deployment)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    registry = Registry()
+    pipeline.register_step(registry, "", model=str(folder), endpoint_name="house")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    pipeline.register_step(registry, "", model=str(tmp_path / "weights.bin"), endpoint_name="house")
+    assert [entry[3] for entry in registry.registered] == ["mlflow_model", "custom_model"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_an_mlflow_model_rolls_out_through_the_runbook_without_a_scoring_script(local_backend, unique_name, tmp_path):
+    """The user's files as Azure's no-code MLflow deployment takes them: an MLflow model folder, a deployment
+    YAML without code_configuration or environment, requests with `input_data`; a first release, then a
+    second version (another regularization) promoted after the gates, prediction agreement included."""
+    from mlflow_models import diabetes_requests, save_diabetes_model
+    from saferollout import rollout
+    from saferollout.runner import run_runbook
+    from test_own_model import QUICK, SAFE
+
+    user = tmp_path / "user"
+    save_diabetes_model(user / "model")
+    (user / "deployment.yml").write_text(
+        "name: diabetes-mlflow\nendpoint_name: diabetes\nmodel:\n  path: ./model\n  type: mlflow_model\n"
+        "instance_type: Standard_DS3_v2\ninstance_count: 1\nrequest_settings:\n  request_timeout_ms: 3000\n"
+        "  max_concurrent_requests_per_instance: 4\nreadiness_probe:\n  initial_delay: 1\n  period: 2\n"
+        "  failure_threshold: 150\n")
+    (user / "requests.jsonl").write_text("".join(json.dumps(body) + "\n" for body in diabetes_requests()))
+    endpoint = unique_name("mlf")
+    common = {"endpoint_name": endpoint, "deployment_file": str(user / "deployment.yml"),
+              "request_file": str(user / "requests.jsonl"), **QUICK}
+    try:
+        first = run_runbook(SAFE, common, runs_dir=tmp_path / "runs", echo=False)
+        assert first.exit_code == 0, first.summary["failure"]
+        assert first.summary["records"]["deploy"]["smoke"]["ok"]
+        v2 = save_diabetes_model(tmp_path / "v2" / "model", alpha=0.8)
+        second = run_runbook(SAFE, {**common, "model": str(v2)}, runs_dir=tmp_path / "runs", echo=False)
+        summary = second.summary
+        assert second.exit_code == 0, summary["failure"]
+        assert summary["records"]["deploy"]["smoke"]["ok"]
+        agreement = next(v for v in summary["gates"]["validate-50"]["verdicts"] if v["gate"] == "prediction-agreement")
+        assert agreement["decision"] == "pass", agreement["reason"]
+        assert agreement["evidence"]["task"] == "regression"
+        state = rollout.read_state(local_backend, endpoint)
+        assert state.prod_model == f"azureml:{endpoint}-model:2" and state.traffic == {state.prod: 100}
+        assert local_backend.get_model(f"{endpoint}-model", 2).type == "mlflow_model"
+        assert local_backend.get_deployment(endpoint, state.prod).code_configuration is None
+    finally:
+        local_backend.delete_endpoint(endpoint)
+
+
+def test_a_gate_resumed_after_its_shift_starts_a_fresh_window():
+    """A shift made before this invocation of the runbook began (a killed run resumed, a later CI job) gives
+    the gate no window start: it starts now, rather than past gate_window_s at its first look (issue 13)."""
+    assert pipeline.gate_window_start(1000.0, run_started_at=900.0) == 1000.0  # shifted in this invocation
+    assert pipeline.gate_window_start(1000.0, run_started_at=1100.0) is None  # shifted by the killed run
+    assert pipeline.gate_window_start(0.0, run_started_at=1100.0) is None  # no shift recorded: now
+    assert pipeline.gate_window_start(1000.0) == 1000.0  # the notebook run alone

@@ -125,3 +125,56 @@ def test_a_deployment_that_served_without_errors_shows_zero_errors_not_a_gap():
     filled = plots.zero_errors_where_served(requests, errors)
     assert filled["blue"].tolist()[0] == 0.0 and np.isnan(filled["blue"].tolist()[1])
     assert filled["green"].tolist()[:2] == [0.0, 1.0] and np.isnan(filled["green"].tolist()[2])
+
+
+def test_the_whole_run_dashboard_puts_gate_decisions_on_the_same_time_axis():
+    t0 = T0.timestamp()
+    looks = [{"gate": "errors", "decision": d, "window_start": t0, "checked_at": t0 + 5 * i}
+             for i, d in enumerate(["inconclusive", "pass"])]
+    looks.append({"gate": "latency", "decision": "fail", "window_start": t0, "checked_at": t0 + 15})
+    fig = plots.rollout_dashboard(observation(), gate_looks=looks)
+    gate_ax = fig.axes[3]
+    assert [t.get_text() for t in gate_ax.get_yticklabels()] == ["errors", "latency"]
+    assert gate_ax.get_xlim() == fig.axes[0].get_xlim()  # shared with latency, errors and the split
+    fail = [c for c in gate_ax.collections if c.get_label() == "fail"][0]
+    assert matplotlib.dates.num2date(fail.get_offsets()[0][0]) == T0 + timedelta(seconds=15)
+
+
+def test_step_labels_close_in_time_do_not_overlap():
+    t0 = T0.timestamp()
+    marks = {"deploy": t0, "shift-10": t0 + 0.5, "validate-10": t0 + 1.0, "rollback": t0 + 15}
+    fig = plots.rollout_dashboard(observation(), marks=marks)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in fig.axes[0].texts}
+    assert set(boxes) == set(marks)
+    names = sorted(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
+
+
+def test_gate_window_figures_draw_the_window_at_the_backends_finest_grain_and_return_the_verdicts():
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    asked = []
+
+    class Backend:
+        finest_grain = "PT5S"
+
+        def query_metrics(self, endpoint, metric, **query):
+            asked.append((metric, query["grain"]))
+            return [series("blue", [9, 9]), series("green", [1, 1])]
+
+    verdict = SimpleNamespace(to_dict=lambda: {"gate": "errors", "kind": "threshold", "decision": "pass",
+                                               "reason": "ok", "evidence": {"intervals": 3},
+                                               "window_start": T0.timestamp() + 30, "checked_at": T0.timestamp() + 40})
+    report = SimpleNamespace(started_at=T0.timestamp() + 30, ended_at=T0.timestamp() + 60,
+                             verdicts=[verdict], history=[verdict])
+    plt.close("all")
+    table = plots.gate_window_figures(Backend(), "ep", report, rc="green", title="t", latency_threshold_ms=250.0)
+    assert {grain for _, grain in asked} == {"PT5S"} and table["decision"].tolist() == ["pass"]
+    dashboard = plt.figure(1)
+    assert lines_at(dashboard.axes[0], 250.0) and len(plt.get_fignums()) == 2  # the dashboard and the timeline

@@ -12,7 +12,8 @@ import nbformat
 import pytest
 
 from saferollout.errors import SpecError
-from saferollout.runbook import (RECORD_MIMETYPE, evaluate, load_runbook, main, parse_overrides, percent_list,
+from saferollout.cli.run import main
+from saferollout.runbook import (RECORD_MIMETYPE, evaluate, load_runbook, parse_overrides, percent_list,
                                  plan, read_records, resolve, resolve_parameters)
 from saferollout.runner import client_outcomes, run_runbook
 
@@ -151,6 +152,20 @@ def test_a_gate_list_the_backend_cannot_feed_is_refused_before_anything_is_deplo
     assert resolve_parameters(book, {"backend": "local", "gates": sequential})["gates"] == sequential
 
 
+def test_a_workspace_open_to_others_is_refused_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "workspace"
+    home.mkdir(mode=0o755)  # as `mkdir` makes it
+    home.chmod(0o755)
+    monkeypatch.setenv("SAFEROLLOUT_HOME", str(home))
+    runs = tmp_path / "runs"
+    assert main([str(write_runbook(tmp_path, BASIC)), "--runs-dir", str(runs)]) != 0
+    err = capsys.readouterr().err
+    assert f"refusing workspace folder {home}: other users may open it (mode 0755)" in err and "chmod" in err
+    assert not runs.exists()  # nothing ran, no run directory was made
+    home.chmod(0o700)
+    assert main([str(write_runbook(tmp_path, BASIC)), "--runs-dir", str(runs)]) == 0
+
+
 # ---- references and conditions --------------------------------------------------------------------------
 def test_a_whole_reference_keeps_its_type_and_partial_ones_interpolate():
     ctx = {"parameters": {"n": 3, "steps": [10, 100]}, "steps": {"a": {"ok": True}}}
@@ -187,8 +202,16 @@ def test_read_records_reads_the_record_mimetype_and_the_last_value_wins():
 
 # ---- running -------------------------------------------------------------------------------------------
 def test_a_run_passes_recorded_values_and_writes_summary_and_report(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
     result = run_runbook(write_runbook(tmp_path, BASIC), {"greeting": "bonjour"}, runs_dir=tmp_path / "runs",
-                         echo=False)
+                         echo=False, console=Console(file=out, width=200))
+    lines = out.getvalue().splitlines()
+    assert [line.split()[0] + " " + line.split()[2] for line in lines if line.startswith(("ok ", "xx "))] == [
+        "ok first", "ok second"]  # one verdict line per step, and no failure line for a step that passed
     assert result.status == "completed" and result.exit_code == 0
     assert result.run_dir.parent == tmp_path / "runs" and result.run_dir.name.endswith("-basic")
     assert sorted(p.name for p in result.run_dir.glob("*.ipynb")) == ["01-first.ipynb", "02-second.ipynb"]
@@ -370,7 +393,7 @@ def test_a_runner_killed_between_steps_resumes_and_completes(tmp_path):
     """
     book = write_runbook(tmp_path, body)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "saferollout.runbook", str(book), "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "saferollout", "run", str(book), "--run-dir", str(run_dir)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         for line in proc.stderr:  # kill as soon as `second` started: `first` is done and checkpointed
@@ -410,7 +433,7 @@ def test_a_run_killed_while_rolling_back_resumes_the_rollback_not_the_failed_ste
     """
     book = write_runbook(tmp_path, body.replace("FLAKY", str(nb)))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "saferollout.runbook", str(book), "--run-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "saferollout", "run", str(book), "--run-dir", str(run_dir)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         for line in proc.stderr:  # kill as soon as the rollback started: `second` failed and is checkpointed
@@ -487,6 +510,30 @@ def test_a_skipped_step_records_its_reason_and_a_fallback_stands_in_for_its_valu
     assert f"nothing to train: model {model} was given" in report
 
 
+def test_a_foreach_group_gives_its_skip_reason_to_each_step_it_skips(tmp_path):
+    book = write_runbook(tmp_path, """
+        name: grouped
+        parameters:
+          first: {default: true, type: bool}
+          steps_list: {default: "10,50,100", type: percent_list}
+        steps:
+          - id: deploy
+            notebook: ECHO
+            parameters: {value: "${parameters.first}"}
+          - foreach: ${parameters.steps_list}
+            when: not ${parameters.first}
+            skip_reason: "no traffic steps: first release ${parameters.first}"
+            steps:
+              - id: shift
+                notebook: ECHO
+                parameters: {value: "${item}"}
+        """)
+    result = run_runbook(book, {}, runs_dir=tmp_path / "runs", echo=False)
+    assert result.exit_code == 0, result.summary["failure"]
+    skipped = {s["id"]: s.get("skipped_because") for s in result.summary["steps"] if s["status"] == "skipped"}
+    assert skipped == dict.fromkeys(["shift-10", "shift-50", "shift-100"], "no traffic steps: first release true")
+
+
 def test_live_traffic_none_starts_no_generator_and_the_summary_and_report_say_so(tmp_path):
     result = run_runbook(write_runbook(tmp_path, OWN), {"live_traffic": "none"}, runs_dir=tmp_path / "runs", echo=False)
     assert result.exit_code == 0, result.summary["failure"]
@@ -548,9 +595,12 @@ def test_a_record_shows_one_short_line_in_the_notebook():
     report = {"decision": "pass", "verdicts": [{"gate": "g", "evidence": {"x": list(range(50))}}] * 4,
               "started_at": 1764230000.5, "reason": "r" * 80}
     shown = one_line(report)
-    assert shown.startswith('{decision: "pass", verdicts: [4 items], started_at: 1764230000.5, reason: "rrr')
+    assert shown.startswith('{decision: "pass", verdicts: [4 items], started_at: "2025-11-27T07:53:20Z", reason: "rr')
     assert len(shown) <= 100 and "\n" not in shown
     assert one_line({"n": 5}) == '{"n": 5}' and one_line("x" * 200).endswith("...")
+    # a person reads four significant digits, and big numbers whole
+    assert one_line({"first_ms": 5.859613999746216, "auc": 0.784229, "bytes": 123456.7, "ok": True}) == \
+        '{"first_ms": 5.86, "auc": 0.7842, "bytes": 123457, "ok": true}'
 
 
 def test_the_kernels_own_output_goes_to_the_run_directory_not_the_console(tmp_path):
@@ -559,10 +609,36 @@ def test_the_kernels_own_output_goes_to_the_run_directory_not_the_console(tmp_pa
 
     book = write_runbook(tmp_path, BASIC)
     # a relative runs dir, as `make demo` has it: the kernels run from the notebook's folder
-    proc = subprocess.run([sys.executable, "-m", "saferollout.runbook", str(book), "--runs-dir", "runs"],
+    proc = subprocess.run([sys.executable, "-m", "saferollout", "run", str(book), "--runs-dir", "runs"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "first | echo hi" in proc.stderr  # cell output still shows, under the step's id
     assert "[IPKernelApp]" not in proc.stderr + proc.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert "[IPKernelApp]" in (run_dir / "kernels.log").read_text()  # ipykernel's TCP warning, kept for reading
+
+
+def test_the_plan_printed_at_the_start_lists_the_gates_and_those_left_out_with_why(tmp_path):
+    """A user's model folder is registered without offline metrics: the plan says offline-quality is left out
+    before anything runs; the credit demo (trained, with metrics) keeps all four gates."""
+    from saferollout.runbook import resolve_parameters
+    from saferollout.runner import Runner
+
+    book = load_runbook(ROOT / "runbooks" / "safe_rollout.yaml")
+    model = tmp_path / "model"
+    model.mkdir()
+    own = Runner(book, resolve_parameters(book, {"endpoint_name": "house", "model": str(model)}), tmp_path / "own")
+    lines = own.plan_lines()
+    assert lines[0].startswith("plan: train? > register > deploy > shift-10? > validate-10? > ")
+    assert lines[0].endswith("; on failure: rollback  (?: decided when it comes)")
+    assert lines[1] == ("gates of validate-10: errors-sequential, latency-sequential, offline-quality, "
+                        "prediction-agreement")
+    assert lines[2].startswith(f"  left out: offline-quality (ml_quality): the model {model} is registered "
+                               "without offline metrics")
+    demo = Runner(book, resolve_parameters(book, {"endpoint_name": "credit"}), tmp_path / "demo")
+    assert len(demo.plan_lines()) == 2
+    azure = Runner(book, resolve_parameters(book, {"endpoint_name": "credit", "backend": "azure"}), tmp_path / "az")
+    assert azure.plan_lines()[1].startswith("gates of validate-10: errors-compare, latency-compare")
+    given = json.dumps([{"kind": "compare", "name": "mine", "metric": "errors"}])
+    assert len(Runner(book, resolve_parameters(book, {"endpoint_name": "credit", "gates": given}),
+                      tmp_path / "g").plan_lines()) == 1

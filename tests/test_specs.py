@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from saferollout.errors import SpecError
-from saferollout.specs import (load_deployment_spec, load_endpoint_spec, parse_model_ref, parse_traffic,
-                               validate_mirror, validate_name, validate_traffic)
+from saferollout.specs import (check_model_type, check_no_code_model, load_deployment_spec, load_endpoint_spec,
+                               model_type_of, parse_model_ref, parse_traffic, validate_mirror, validate_name,
+                               validate_traffic)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "credit-risk"
 
@@ -113,3 +114,84 @@ def test_request_settings_and_probes_are_validated(tmp_path):
     path.write_text("name: blue\nendpoint_name: credit-risk\nliveness_probe:\n  periodd: 3\n")
     with pytest.raises(SpecError, match="unknown key.*periodd"):
         load_deployment_spec(path)
+
+
+# ---- no-code deployments: an MLflow model without a scoring script, as on Azure ------------------------
+
+def mlflow_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: mlflow.sklearn\n")
+    return folder
+
+
+def test_a_deployment_of_an_mlflow_model_needs_no_code_configuration(tmp_path):
+    mlflow_folder(tmp_path)
+    path = tmp_path / "deployment.yml"
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel:\n  path: ./model\n  type: mlflow_model\n"
+                    "instance_type: Standard_DS3_v2\ninstance_count: 1\n")
+    spec = load_deployment_spec(path)
+    assert spec.code_path is None and spec.scoring_script is None
+    assert spec.model == str(tmp_path / "model")
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel: ./model\n")  # the type is read from MLmodel
+    assert load_deployment_spec(path).model == str(tmp_path / "model")
+
+
+def test_a_registered_model_without_code_is_left_to_the_backend_to_check(tmp_path):
+    path = tmp_path / "deployment.yml"
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel: azureml:diabetes:3\n")
+    assert load_deployment_spec(path).model == "azureml:diabetes:3"
+
+
+def test_no_code_configuration_and_a_model_that_is_not_mlflow_is_refused(tmp_path):
+    (tmp_path / "model.pkl").write_bytes(b"not an MLflow model")
+    path = tmp_path / "deployment.yml"
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel: ./model.pkl\n")
+    with pytest.raises(SpecError) as caught:
+        load_deployment_spec(path)
+    assert str(caught.value) == (
+        f"deployment file {path} has no code_configuration and its model {tmp_path / 'model.pkl'} is not an "
+        "MLflow model (no MLmodel file in it): add code_configuration (code and scoring_script), or deploy an "
+        "MLflow model (a folder with an MLmodel file, or a registered model of type mlflow_model) without one")
+
+
+def test_no_code_configuration_and_no_model_is_refused(tmp_path):
+    path = tmp_path / "deployment.yml"
+    path.write_text("name: blue\nendpoint_name: my-ep\n")
+    with pytest.raises(SpecError, match=f"deployment file {path} has no code_configuration and no model: add "
+                                        r"code_configuration \(code and scoring_script\), or deploy an MLflow model"):
+        load_deployment_spec(path)
+
+
+def test_an_inline_mlflow_model_type_needs_an_mlmodel_file(tmp_path):
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "deployment.yml"
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel:\n  path: ./model\n  type: mlflow_model\n")
+    with pytest.raises(SpecError, match="is of type mlflow_model but has no MLmodel file"):
+        load_deployment_spec(path)
+    path.write_text("name: blue\nendpoint_name: my-ep\nmodel:\n  path: ./model\n  type: onnx\n")
+    with pytest.raises(SpecError, match="model type must be one of custom_model, mlflow_model, triton_model, got 'onnx'"):
+        load_deployment_spec(path)
+
+
+def test_a_registered_custom_model_cannot_deploy_without_code(tmp_path):
+    spec = load_deployment_spec(_write(tmp_path, "name: blue\nendpoint_name: my-ep\nmodel: azureml:m:2\n"))
+    check_no_code_model(spec, "azureml:m:2", "mlflow_model")
+    with pytest.raises(SpecError, match="has no code_configuration and its model azureml:m:2 is a custom_model, "
+                                        "not an mlflow_model"):
+        check_no_code_model(spec, "azureml:m:2", "custom_model")
+
+
+def test_model_types_follow_the_mlmodel_file(tmp_path):
+    folder = mlflow_folder(tmp_path)
+    assert model_type_of(folder) == "mlflow_model" and model_type_of(tmp_path) == "custom_model"
+    assert check_model_type(folder, "mlflow_model") == "mlflow_model"
+    with pytest.raises(SpecError, match=f"model {tmp_path} cannot be registered as mlflow_model: it is not a "
+                                        "folder with an MLmodel file"):
+        check_model_type(tmp_path, "mlflow_model")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deployment.yml"
+    path.write_text(text)
+    return path

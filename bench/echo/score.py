@@ -4,6 +4,7 @@ Used by the gateway benchmark and the local platform's tests. Knobs (deployment 
   ECHO_DELAY_MS   sleep this long in run() (to hold a request in flight)
   ECHO_FAIL       "1": run() raises, so the inference server answers 500
   ECHO_INIT_FAIL  "1": init() raises, so the deployment never becomes ready
+  ECHO_INIT_FAIL_ONCE  a file path: while that file exists, init() removes it and raises (one failed start)
 """
 import json
 import os
@@ -18,6 +19,10 @@ def init():
     init_niceness = os.getpriority(os.PRIO_PROCESS, 0)
     if os.environ.get("ECHO_INIT_FAIL") == "1":
         raise RuntimeError("echo init failed on purpose (ECHO_INIT_FAIL=1)")
+    once = os.environ.get("ECHO_INIT_FAIL_ONCE")
+    if once and os.path.exists(once):
+        os.remove(once)
+        raise RuntimeError(f"echo init failed on purpose, once ({once} existed)")
     name = os.environ.get("ECHO_NAME", "")
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from saferollout import data, rollout, training
 from saferollout.backends.base import Backend, Model
+from saferollout.backends.query import grain_seconds
 from saferollout.errors import NotFound, SpecError
 from saferollout.specs import (DeploymentSpec, EndpointSpec, load_deployment_spec, load_endpoint_spec,
-                              parse_model_ref)
+                              model_type_of, parse_model_ref)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = ROOT / "examples" / "credit-risk"
@@ -91,7 +92,8 @@ def register_step(backend: Backend, model_name: str, *, model_dir: str = "", mod
     tags = {"git_commit": git_commit(), "source": str(Path(source).resolve()),
             "deployment_file": str(Path(deployment_file).resolve()) if deployment_file else ""}
     registered = backend.register_model(name, str(Path(source).resolve()), tags=tags,
-                                        description=f"registered by saferollout from {source}")
+                                        description=f"registered by saferollout from {source}",
+                                        type=model_type_of(source))  # an MLflow folder deploys without code
     return _registered(registered, f"registered from {source}")
 
 
@@ -169,6 +171,8 @@ def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str =
     rollout.ensure_endpoint(backend, endpoint)
     rollout.acquire_lock(backend, endpoint_name, rollout.default_owner(), run_id)
     before = rollout.read_state(backend, endpoint_name)
+    if before.phase == rollout.Phase.PROMOTED:
+        return _finish_promotion(backend, before, model_ref, progress)
     first_release = before.prod is None
     if first_release and fault != "none":
         progress(f"first release: fault={fault} ignored (faults apply to a release candidate only)")
@@ -181,8 +185,23 @@ def deploy(backend: Backend, endpoint_name: str, model_ref: str, *, fault: str =
         assert state.prod_model is not None
         same_code = candidate_spec(endpoint_name, state.prod_model, deployment_file=deployment_file)
         state = rollout.deploy_baseline(backend, endpoint_name, same_code, progress=progress)
-    return {"first_release": nothing_to_roll_out, "prod": state.prod, "rc": state.rc, "baseline": state.baseline,
-            "model": rollout.resolve_model_ref(backend, model_ref), "phase": state.phase.value}
+    return {"first_release": nothing_to_roll_out, "unfinished_promotion": False, "prod": state.prod, "rc": state.rc,
+            "baseline": state.baseline, "model": rollout.resolve_model_ref(backend, model_ref),
+            "phase": state.phase.value}
+
+
+def _finish_promotion(backend: Backend, state: rollout.RolloutState, model_ref: str, progress: Any) -> dict[str, Any]:
+    """An earlier rollout was promoted and killed before its bake gate and the old PROD's deletion: this run
+    finishes that rollout (the runbook skips the traffic steps; promote runs the bake gate and deletes the
+    old PROD) rather than deploying `model_ref`, which deploy_candidate refuses while a promotion is
+    unfinished, and whose failure would roll the promotion back."""
+    model = rollout.resolve_model_ref(backend, model_ref)
+    progress(f"{state.endpoint}: an earlier rollout promoted {state.prod} ({state.prod_model}) and was not finished "
+             f"({state.old_prod} kept for a rollback): this run finishes it (bake gate, then {state.old_prod} "
+             f"deleted) and does not deploy {model}: run the runbook again to roll that out")
+    return {"first_release": False, "unfinished_promotion": True, "prod": state.prod, "rc": None,
+            "old_prod": state.old_prod, "baseline": state.baseline, "model": model, "not_deployed": model,
+            "phase": state.phase.value}
 
 
 def smoke(backend: Backend, endpoint_name: str, deployment: str, n: int = 5, *, request_file: str = "",
@@ -280,8 +299,8 @@ def plan_gates(backend: Backend, endpoint_name: str, gates: str | list[dict] | N
     """(the gates to run, the gates left out with why): choose_gates, then for a named list (`auto`,
     `aggregate`) only the gates whose evidence can exist on this rollout (leave_out_gates)."""
     named = gates is None or (isinstance(gates, str) and gates.strip() in ("", "auto", "default", "aggregate"))
-    if not named:  # the user's own list: it keeps its settings; the request file fills what it leaves out
-        gates = with_request_settings(gates, (overrides or {}).get("ml_agreement", {}))
+    if not named and gates is not None:  # the user's own list: it keeps its settings; the request file fills
+        gates = with_request_settings(gates, (overrides or {}).get("ml_agreement", {}))  # what it leaves out
     built = choose_gates(backend, gates, window_s, overrides)
     return leave_out_gates(backend, endpoint_name, built, rc, prod) if named else (built, [])
 
@@ -346,7 +365,8 @@ def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
     5-second intervals locally, 1-minute ones on Azure (Azure Monitor's finest grain). A window too short for
     even one complete interval is refused, since such a gate could only fail.
     """
-    grain, grain_s = ("PT5S", 5) if backend.name == "local" else ("PT1M", 60)
+    grain = backend.finest_grain
+    grain_s = grain_seconds(grain)
     delay_s = backend.metrics_delay_s  # an interval is judged only once its metrics are complete
     intervals = min(5, int((window_s - delay_s) // grain_s) - 2)
     if intervals < 1:
@@ -363,10 +383,27 @@ def bake_gates(backend: Backend, window_s: float = 30.0) -> list[dict]:
     ]
 
 
+def gate_window_start(shifted_at: float, run_started_at: float = 0.0) -> float | None:
+    """Where a gate's window starts: at the shift when this invocation of the runbook made it; now (None) when
+    the shift was made before this invocation began (a killed run resumed with --run-dir, or a later CI job).
+    A resumed gate starts a fresh window: with the killed run's start it would be past `gate_window_s` at its
+    first look (the kill also stopped the live traffic), and an undecided gate would fail a healthy RC."""
+    if not shifted_at or (run_started_at and shifted_at < run_started_at):
+        return None
+    return shifted_at
+
+
 def finish_gate(backend: Backend, endpoint_name: str, decision: str, percent: int | None) -> None:
     """Remember a passed gate on the endpoint, so a resumed run does not repeat it."""
     if decision == "pass":
         rollout.mark_gate_passed(backend, endpoint_name, percent)
+
+
+def finish_promotion(backend: Backend, endpoint_name: str) -> rollout.RolloutState:
+    """After a passed bake (or without one): delete the former PROD and release the lock; the state left."""
+    rollout.delete_old_prod(backend, endpoint_name)
+    rollout.release_lock(backend, endpoint_name)
+    return rollout.read_state(backend, endpoint_name)
 
 
 def latency_threshold_ms(gates: list[Any]) -> float | None:
@@ -374,7 +411,7 @@ def latency_threshold_ms(gates: list[Any]) -> float | None:
     for gate in gates:
         metric = str(getattr(gate, "metric", ""))
         if getattr(gate, "kind", "") == "threshold" and metric.startswith("RequestLatency"):
-            return float(getattr(gate, "threshold"))
+            return float(gate.threshold)
     return None
 
 

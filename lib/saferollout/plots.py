@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
+import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -136,15 +137,25 @@ def limits_from_verdicts(verdicts: Iterable[Mapping[str, Any]]) -> dict[str, flo
 def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = None,
                       error_threshold: float | None = None, error_rate_limit: float | None = None,
                       rc: str | None = None, marks: Mapping[str, float] | None = None,
-                      title: str = "") -> Figure:
-    """Three panels sharing time: latency percentiles, error counts (per interval) and the traffic split.
+                      gate_looks: Iterable[Mapping[str, Any]] | None = None, title: str = "") -> Figure:
+    """Panels sharing time: latency percentiles, error counts (per interval), the traffic split and, when
+    `gate_looks` (verdict dicts) are given, each gate's decision at every look.
 
     Limits are drawn dashed: a latency in ms, an error count per interval, or an error rate the RC may
     not exceed (drawn as that share of the RC's requests in each interval). `marks` (label -> unix time)
-    are vertical lines, e.g. when the gate window began.
+    are vertical lines, e.g. when each step began; their labels sit above the panels, staggered so that
+    close ones do not overlap. Legends sit outside the panels, right of them.
     """
     colours = _colours(obs.deployments)
-    fig, (lat_ax, err_ax, split_ax) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    looks = list(gate_looks or [])
+    gates = list(dict.fromkeys(str(v["gate"]) for v in looks))
+    rows, ratios = 3, [3.0, 2.0, 2.0]
+    if looks:
+        rows, ratios = 4, ratios + [0.5 + 0.35 * len(gates)]
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 2.6 * sum(ratios) / 3 + 1.2), sharex=True,
+                             gridspec_kw={"height_ratios": ratios})
+    lat_ax, err_ax, split_ax = axes[:3]
+    outside = {"fontsize": 7, "loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
     styles = {"P50": ":", "P90": "-", "P99": "--"}
     for pct, frame in obs.latency.items():
         for dep in frame.columns:
@@ -153,9 +164,10 @@ def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = 
     if latency_threshold_ms is not None:
         lat_ax.axhline(latency_threshold_ms, color="#cf222e", linestyle="--", linewidth=1,
                        label=f"limit {latency_threshold_ms:.0f} ms")
-    lat_ax.set(ylabel="latency (ms)", title=title or f"{obs.endpoint}: latency, errors and traffic split")
+    lat_ax.set(ylabel="latency (ms)")
+    fig.suptitle(title or f"{obs.endpoint}: latency, errors and traffic split")
     if lat_ax.get_legend_handles_labels()[0]:
-        lat_ax.legend(fontsize=7, ncol=3, loc="upper left")
+        lat_ax.legend(**outside)
     else:  # e.g. an RC that never started: say so rather than leave an empty panel
         lat_ax.text(0.5, 0.5, "no requests in this window", transform=lat_ax.transAxes, ha="center",
                     color="#57606a")
@@ -172,22 +184,77 @@ def rollout_dashboard(obs: Observation, *, latency_threshold_ms: float | None = 
                     label=f"allowed for {rc} ({error_rate_limit:.1%} of its requests)")
     err_ax.set(ylabel=f"non-2xx per {obs.grain}")
     if obs.errors.columns.size or error_threshold is not None or error_rate_limit is not None:
-        err_ax.legend(fontsize=7, loc="upper left")
+        err_ax.legend(**outside)
 
     shares = traffic_shares(obs.requests)
     if not shares.empty:
         split_ax.stackplot(shares.index, *[shares[c] for c in shares.columns], labels=list(shares.columns),
                            colors=[colours.get(c) for c in shares.columns], alpha=0.8)
-        split_ax.legend(fontsize=7, loc="upper left")
-    split_ax.set(ylabel="% of requests served", ylim=(0, 100), xlabel="time (UTC)")
-    for label, ts in (marks or {}).items():
-        moment = datetime.fromtimestamp(ts, tz=timezone.utc)
-        for ax in (lat_ax, err_ax, split_ax):
+        split_ax.legend(**outside)
+    split_ax.set(ylabel="% of requests\nserved", ylim=(0, 100))
+    if looks:
+        _gate_panel(axes[3], looks, gates, outside)
+    axes[-1].set(xlabel="time (UTC)")
+    moments = {label: datetime.fromtimestamp(ts, tz=timezone.utc) for label, ts in (marks or {}).items()}
+    for moment in moments.values():
+        for ax in axes:
             ax.axvline(moment, color="grey", linestyle=":", linewidth=1)
-        lat_ax.annotate(label, (moment, 1), xycoords=("data", "axes fraction"), fontsize=7, va="top")
     fig.autofmt_xdate()
+    _label_marks(lat_ax, moments)
     fig.tight_layout()
     return fig
+
+
+def _gate_panel(ax: Any, looks: list[Mapping[str, Any]], gates: list[str], legend: dict[str, Any]) -> None:
+    """One row per gate on the time axis: each look's decision where it was made."""
+    for decision, colour in DECISION_COLOURS.items():
+        points = [(datetime.fromtimestamp(float(v["checked_at"]), tz=timezone.utc), gates.index(str(v["gate"])))
+                  for v in looks if v["decision"] == decision]
+        if points:
+            xs, ys = zip(*points)
+            ax.scatter(xs, ys, color=colour, label=decision, s=22, zorder=3)
+    ax.set_yticks(range(len(gates)), gates, fontsize=8)
+    ax.set_ylim(-0.6, len(gates) - 0.4)
+    ax.set_ylabel("gate decisions")
+    ax.legend(**legend)
+
+
+def _label_marks(ax: Any, moments: Mapping[str, datetime]) -> None:
+    """Step labels above the top panel; a label closer than a tenth of the axis to the one before it on
+    the same line goes one line up (four lines; when all four are crowded, the line used longest ago)."""
+    if not moments:
+        return
+    left, right = ax.get_xlim()
+    span = (right - left) or 1.0
+    last_on_line: dict[int, float] = {}
+    for label, moment in sorted(moments.items(), key=lambda item: item[1]):
+        x = (mdates.date2num(moment) - left) / span
+        free = [i for i in range(4) if x - last_on_line.get(i, -1.0) >= 0.1]
+        line = free[0] if free else min(last_on_line, key=last_on_line.__getitem__)
+        last_on_line[line] = x
+        ax.annotate(label, (moment, 1.0), xycoords=("data", "axes fraction"), xytext=(2, 3 + 10 * line),
+                    textcoords="offset points", fontsize=7, va="bottom", color="#57606a")
+
+
+def gate_window_figures(backend: Any, endpoint: str, report: Any, *, rc: str | None, title: str,
+                        latency_threshold_ms: float | None = None, grain: str = "") -> pd.DataFrame:
+    """What a gate window showed, as the validate and promote notebooks draw it: the dashboard over the
+    window (from 30 s before it, the gates' limits drawn), each gate's decisions over time, and the final
+    verdicts as a table (returned, for `display`).
+
+    `report` is the window's `GateReport`; `grain` defaults to the backend's finest metric grain; a
+    `latency_threshold_ms` given (from a threshold gate on latency) wins over the gates' own limits.
+    """
+    verdicts = [v.to_dict() for v in report.verdicts]
+    observed = observe(backend, endpoint, report.started_at - 30, report.ended_at,
+                       grain=grain or backend.finest_grain)
+    limits = limits_from_verdicts(verdicts)
+    limits["latency_threshold_ms"] = latency_threshold_ms or limits["latency_threshold_ms"]
+    rollout_dashboard(observed, latency_threshold_ms=limits["latency_threshold_ms"],
+                      error_rate_limit=limits["error_rate_limit"], rc=rc, marks={"gate window": report.started_at},
+                      title=title)
+    gate_timeline([v.to_dict() for v in report.history])
+    return verdict_table(verdicts)
 
 
 def traffic_shares(requests: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from saferollout.records import GATE_RECORD
+
 STATUS_COLOURS = {"ok": "#1a7f37", "completed": "#1a7f37", "skipped": "#6e7781", "failed": "#cf222e",
                   "rolled_back": "#bc4c00", "pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#9a6700"}
 
@@ -37,7 +39,7 @@ def summary_table(summary: dict[str, Any], timeline: str = "") -> str:
     """The HTML header of the report: outcome, parameters, steps with timings, gate verdicts, traffic."""
     rows = []
     for step in summary.get("steps", []):
-        records = {k: v for k, v in step.get("records", {}).items() if k != "gate_report"}
+        records = {k: v for k, v in step.get("records", {}).items() if k != GATE_RECORD}
         shown = ", ".join(f"{k}={json.dumps(v)[:80]}" for k, v in records.items())
         if step.get("error"):
             shown = f"<b>{html.escape(step['error']['message'])}</b>"
@@ -104,14 +106,14 @@ def gate_history(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Every look of every gate in the run, in order (each validate window, then the bake)."""
     looks: list[dict[str, Any]] = []
     for step in summary.get("steps", []):
-        report = (step.get("records") or {}).get("gate_report") or {}
+        report = (step.get("records") or {}).get(GATE_RECORD) or {}
         looks.extend(dict(v, gate=f"{v.get('gate')}") for v in report.get("history", []))
     return looks
 
 
 def rollout_timeline(backend: Any, endpoint: str, summary: dict[str, Any], grain: str) -> str:
-    """HTML for the report's opening figures: the traffic split, latency and errors per deployment over the
-    whole run (the steps marked), and each gate's decisions over the whole run."""
+    """HTML for the report's opening figure: latency, errors and the traffic split per deployment over the
+    whole run (the steps marked), and below them, on the same time axis, each gate's decision at every look."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,18 +125,14 @@ def rollout_timeline(backend: Any, endpoint: str, summary: dict[str, Any], grain
              if step.get("started_at") and step["id"].split("-")[0] in TIMELINE_STEPS}
     start, end = float(summary["started_at"]), float(summary["ended_at"])
     observed = plots.observe(backend, endpoint, start, end, grain=grain)
-    figures = [plots.rollout_dashboard(observed, marks=marks, title=f"{endpoint}: the whole run")]
-    looks = gate_history(summary)
-    if looks:
-        figures.append(plots.gate_timeline(looks, title="every gate's decisions over the run"))
-    images = []
-    for figure in figures:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=90)
-        plt.close(figure)
-        encoded = base64.b64encode(buffer.getvalue()).decode()
-        images.append(f'<img alt="rollout timeline" src="data:image/png;base64,{encoded}">')
-    return '<h3>Timeline</h3><div class="sr-timeline">' + "".join(images) + "</div>"
+    figure = plots.rollout_dashboard(observed, marks=marks, gate_looks=gate_history(summary),
+                                     title=f"{endpoint}: the whole run")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    image = f'<img alt="rollout timeline" src="data:image/png;base64,{encoded}">'
+    return f'<h3>Timeline</h3><div class="sr-timeline">{image}</div>'
 
 
 _BODY = re.compile(r"<body[^>]*>(.*)</body>", re.S)

@@ -1,4 +1,4 @@
-"""Runbooks: YAML -> a validated plan of notebook steps; values recorded by notebooks; the `run` command.
+"""Runbooks: YAML -> a validated plan of notebook steps (parameters typed and checked, groups expanded).
 
 A runbook is YAML::
 
@@ -32,7 +32,6 @@ declare. Nothing is deployed before that.
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import re
@@ -41,68 +40,23 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from saferollout.errors import SpecError
+from saferollout.expressions import REFERENCE, as_text, evaluate, is_literal, lookup, resolve, split_alternatives
+from saferollout.records import RECORD_MIMETYPE, one_line, read_records, record
 from saferollout.specs import read_yaml, validate_name
 
-RECORD_MIMETYPE = "application/vnd.saferollout.record+json"
-REFERENCE = re.compile(r"\$\{([^}]*)\}")
+# `record` is what notebooks call (`from saferollout.runbook import record`); the rest is the plan's API.
+__all__ = ["RECORD_MIMETYPE", "Parameter", "Runbook", "Step", "evaluate", "find_runbook", "load_runbook", "lookup",
+           "one_line", "parse_overrides", "plan", "read_records", "record", "resolve", "resolve_parameters"]
+
 PARAMETER_TYPES = ("str", "int", "float", "bool", "name", "percent_list", "path", "gates", "deployment_file",
                    "endpoint_file", "request_file", "model")
 RUNBOOK_KEYS = {"name", "description", "parameters", "traffic", "steps", "on_failure"}
 STEP_KEYS = {"id", "notebook", "parameters", "when", "skip_reason", "live_traffic", "description"}
-GROUP_KEYS = {"foreach", "where", "when", "steps", "description"}
+GROUP_KEYS = {"foreach", "where", "when", "skip_reason", "steps", "description"}
 PARAMETER_KEYS = {"default", "type", "choices", "min", "max", "help", "presets"}
 TRAFFIC_KEYS = {"endpoint", "rps", "backend", "request_file", "live_traffic"}
 LIVE_TRAFFIC = ("generator", "none")
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-# ---- recording values from notebooks -------------------------------------------------------------
-def record(name: str, value: Any) -> Any:
-    """Record `value` under `name` for later steps: a JSON display output the runner reads back.
-
-    Call it from a notebook cell; the value must be JSON-serialisable. Returns `value`.
-    """
-    from IPython.display import display
-
-    payload = {"name": str(name), "value": json.loads(json.dumps(value, default=str))}
-    display({RECORD_MIMETYPE: payload, "text/plain": f"recorded {name} = {one_line(payload['value'])}"}, raw=True)
-    return value
-
-
-def one_line(value: Any, width: int = 100) -> str:
-    """A value as one line of at most `width` characters: what a reader of a notebook sees of a record (the
-    whole value is in the record itself, and in summary.json)."""
-    if isinstance(value, dict) and len(json.dumps(value)) > width:
-        text = "{" + ", ".join(f"{k}: {_brief(v)}" for k, v in value.items()) + "}"
-    else:
-        text = json.dumps(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _brief(value: Any) -> str:
-    if isinstance(value, dict):
-        return f"{{{len(value)} keys}}"
-    if isinstance(value, list):
-        return f"[{len(value)} items]"
-    text = json.dumps(value)
-    return text if len(text) <= 30 else text[:27] + "..."
-
-
-def read_records(notebook: Any) -> dict[str, Any]:
-    """The values an executed notebook recorded (a path or an nbformat node); the last record of a name wins."""
-    if not isinstance(notebook, Mapping):
-        import nbformat
-
-        notebook = nbformat.read(str(notebook), as_version=4)
-    values: dict[str, Any] = {}
-    for cell in notebook.get("cells", []):
-        for output in cell.get("outputs", []) or []:
-            payload = (output.get("data") or {}).get(RECORD_MIMETYPE)
-            if isinstance(payload, str):  # some writers store JSON mimetypes as text
-                payload = json.loads(payload)
-            if isinstance(payload, Mapping) and "name" in payload:
-                values[payload["name"]] = payload.get("value")
-    return values
 
 
 # ---- parameters ------------------------------------------------------------------------------------
@@ -346,7 +300,7 @@ def load_runbook(path: str | Path) -> Runbook:
                 raise SpecError(f"runbook {path}: steps[{i}] (foreach): unknown key(s) {', '.join(sorted(extra))}")
             children = [_step(c, base, f"steps[{i}].steps[{j}]") for j, c in enumerate(item.get("steps") or [])]
             steps.append({"foreach": str(item["foreach"]), "where": item.get("where"), "when": item.get("when"),
-                          "steps": children})
+                          "skip_reason": str(item.get("skip_reason") or ""), "steps": children})
         else:
             steps.append(_step(item, base, f"steps[{i}]"))
     if not steps:
@@ -371,8 +325,8 @@ def _check_references(book: Runbook) -> None:
         texts = [str(v) for v in step.parameters.values()] + ([step.when] if step.when else []) + (
             [step.skip_reason] if step.skip_reason else [])
         for text in texts:
-            for ref in (alt for whole in REFERENCE.findall(text) for alt in _alternatives(whole)):
-                if _literal(ref) is not _NOT_LITERAL:
+            for ref in (alt for whole in REFERENCE.findall(text) for alt in split_alternatives(whole)):
+                if is_literal(ref):
                     continue
                 root, _, rest = ref.partition(".")
                 if root == "parameters" and rest not in book.parameters:
@@ -462,104 +416,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return result
 
 
-# ---- references and conditions ------------------------------------------------------------------------
-_NOT_LITERAL = object()
-
-
-def _alternatives(ref: str) -> list[str]:
-    """`steps.train.model_dir ?? ''` -> ['steps.train.model_dir', "''"]: the first that has a value wins."""
-    return [part.strip() for part in ref.split("??")]
-
-
-def _literal(text: str) -> Any:
-    """A quoted string or a number written after `??`; _NOT_LITERAL for a reference."""
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    try:
-        return json.loads(text) if text and (text[0].isdigit() or text[0] == "-") else _NOT_LITERAL
-    except ValueError:
-        return _NOT_LITERAL
-
-
-def lookup(ref: str, context: Mapping[str, Any]) -> Any:
-    """The value `ref` (e.g. 'steps.register.model_ref') names in `context`; SpecError if there is none.
-
-    `a ?? b` is `a`, or `b` when `a` has no value (a step that was skipped, say); `b` may be a quoted string.
-    """
-    alternatives = _alternatives(ref)
-    if len(alternatives) > 1:
-        for alternative in alternatives[:-1]:
-            try:
-                return lookup(alternative, context)
-            except SpecError:
-                continue
-        last = _literal(alternatives[-1])
-        return lookup(alternatives[-1], context) if last is _NOT_LITERAL else last
-    root, _, rest = ref.strip().partition(".")
-    if root not in context:
-        raise SpecError(f"${{{ref}}}: nothing called {root!r} is known here")
-    value: Any = context[root]
-    if root == "steps":
-        step_id, _, name = rest.partition(".")
-        if step_id not in value:
-            raise SpecError(f"${{{ref}}}: step {step_id!r} has not run (skipped or later)")
-        if name not in value[step_id]:
-            recorded = ", ".join(sorted(value[step_id])) or "nothing"
-            raise SpecError(f"${{{ref}}}: step {step_id!r} recorded no {name!r} (it recorded {recorded})")
-        return value[step_id][name]
-    for part in [p for p in rest.split(".") if p]:
-        if not isinstance(value, Mapping) or part not in value:
-            raise SpecError(f"${{{ref}}}: no value {part!r}")
-        value = value[part]
-    return value
-
-
-def resolve(value: Any, context: Mapping[str, Any]) -> Any:
-    """Substitute references in a value (recursively through lists and mappings)."""
-    if isinstance(value, Mapping):
-        return {k: resolve(v, context) for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve(v, context) for v in value]
-    if not isinstance(value, str):
-        return value
-    whole = REFERENCE.fullmatch(value.strip())
-    if whole:
-        return lookup(whole.group(1), context)
-    return REFERENCE.sub(lambda m: _text(lookup(m.group(1), context)), value)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return json.dumps(value) if isinstance(value, (dict, bool)) or value is None else str(value)
-
-
-_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare, ast.Eq, ast.NotEq,
-            ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Name, ast.Load, ast.Constant, ast.List,
-            ast.Tuple)
-
-
-def evaluate(expression: str, context: Mapping[str, Any]) -> bool:
-    """Evaluate a `when` expression: references, literals, and/or/not and comparisons only."""
-    names: dict[str, Any] = {"true": True, "false": False, "null": None}
-
-    def bind(match: re.Match) -> str:
-        key = f"_ref{len(names)}"
-        names[key] = lookup(match.group(1), context)
-        return key
-
-    text = REFERENCE.sub(bind, expression)
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
-        raise SpecError(f"when: cannot parse {expression!r}") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED) or (isinstance(node, ast.Name) and node.id not in names):
-            raise SpecError(f"when: {expression!r} may use only references, literals, and/or/not and comparisons")
-    return bool(eval(compile(tree, "<when>", "eval"), {"__builtins__": {}}, dict(names)))  # noqa: S307 (checked AST)
-
-
 # ---- the plan ---------------------------------------------------------------------------------------------
 def _substitute_item(value: Any, item: Any) -> Any:
     if isinstance(value, Mapping):
@@ -567,7 +423,7 @@ def _substitute_item(value: Any, item: Any) -> Any:
     if isinstance(value, str):
         if value.strip() == "${item}":
             return item
-        return value.replace("${item}", _text(item))
+        return value.replace("${item}", as_text(item))
     return value
 
 
@@ -590,7 +446,8 @@ def plan(book: Runbook, parameters: Mapping[str, Any]) -> list[Step]:
                 when = " and ".join(f"({c})" for c in conditions) or None
                 steps.append(Step(f"{child.id}-{value}", child.notebook, _substitute_item(child.parameters, value),
                                   None if when is None else _substitute_item(when, value), child.live_traffic,
-                                  child.description, _substitute_item(child.skip_reason, value)))
+                                  child.description,
+                                  _substitute_item(child.skip_reason or item.get("skip_reason") or "", value)))
     ids = [s.id for s in steps] + [s.id for s in book.on_failure]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -607,54 +464,3 @@ def find_runbook(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     raise SpecError(f"runbook not found: {name_or_path}")
-
-
-# ---- the `saferollout run` command ---------------------------------------------------------------------
-def register(subparsers: Any) -> None:
-    """Add `saferollout run RUNBOOK [-p key=value ...] [--runs-dir DIR]`."""
-    parser = subparsers.add_parser("run", help="run a runbook (papermill notebooks) into a run directory",
-                                   description="Run a runbook: its notebooks in order under papermill, into "
-                                               "runs/<UTC timestamp>-<runbook>/, with summary.json and report.html. "
-                                               "Exit code 0 only when the rollout completed.")
-    parser.add_argument("runbook", help="runbook YAML path, or a name under ./runbooks")
-    parser.add_argument("-p", "--parameter", dest="parameters", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a runbook parameter (repeatable)")
-    parser.add_argument("--runs-dir", default=None, help="where run directories go (default: parameter runs_dir)")
-    parser.add_argument("--run-dir", default=None,
-                        help="continue (or resume after a kill) the run in this directory: steps it completed "
-                             "are skipped and their recorded values read back")
-    parser.add_argument("--steps", default=None, metavar="ID,ID",
-                        help="run only these steps (e.g. one CI job per step, with --run-dir)")
-    parser.add_argument("--quiet", action="store_true", help="do not echo notebook output lines")
-    parser.set_defaults(handler=handle_run)
-
-
-def handle_run(args: Any, backend_factory: Any = None) -> int:
-    """CLI handler: run the runbook and return the exit code (0 only when the rollout completed)."""
-    from saferollout.runner import run_runbook
-
-    only = [s.strip() for s in args.steps.split(",") if s.strip()] if getattr(args, "steps", None) else None
-    result = run_runbook(find_runbook(args.runbook), parse_overrides(args.parameters), runs_dir=args.runs_dir,
-                         echo=not getattr(args, "quiet", False), run_dir=getattr(args, "run_dir", None), only=only)
-    return result.exit_code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m saferollout.runbook ...`: the run command on its own (same as `saferollout run ...`)."""
-    import argparse
-    import sys
-
-    from saferollout.errors import SafeRolloutError
-
-    parser = argparse.ArgumentParser(prog="saferollout")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["run", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.handler(args, None)
-    except SafeRolloutError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

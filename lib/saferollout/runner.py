@@ -22,12 +22,11 @@ from rich.console import Console
 from rich.text import Text
 
 from saferollout.errors import SpecError
-from saferollout.runbook import (LIVE_TRAFFIC, Runbook, Step, evaluate, load_runbook, plan, read_records, resolve,
-                                 resolve_parameters)
+from saferollout.expressions import evaluate, resolve
+from saferollout.records import GATE_RECORD, LEFT_OUT_RECORD, PROD_RECORD, one_line, read_records
+from saferollout.runbook import LIVE_TRAFFIC, Runbook, Step, load_runbook, plan, resolve_parameters
 
 REQUEST_LOG_LINE = re.compile(r"gunicorn\.access|azmlinfsrv - (GET|POST|HEAD) /")  # a model server's per-request line
-GATE_RECORD = "gate_report"  # notebooks that run gates record their GateReport.to_dict() under this name
-PROD_RECORD = "prod"  # the deploy step records the endpoint's PROD: the run deployed something to draw
 STATUS_COMPLETED, STATUS_FAILED, STATUS_ROLLED_BACK = "completed", "failed", "rolled_back"
 STATUS_IN_PROGRESS = "in_progress"  # a run continued step by step, with steps still to come
 STATUS_RUNNING = "running"  # written after each step while the run goes on (a killed run keeps it)
@@ -180,6 +179,31 @@ class Runner:
             ctx["failure"] = failure
         return ctx
 
+    def plan_lines(self) -> list[str]:
+        """The plan, for the console: the steps in order (a `when` runs or skips each when it comes), and for
+        a gated step with a named gate list (auto, aggregate) the gates it holds and those known now to be
+        left out, with why; the validate step leaves out the rest it finds without evidence, and says so."""
+        on_failure = ", ".join(s.id for s in self.book.on_failure)
+        lines = ["plan: " + " > ".join(s.id + ("?" if s.when else "") for s in self.steps)
+                 + (f"; on failure: {on_failure}" if on_failure else "") + "  (?: decided when it comes)"]
+        ctx = self.context()
+        for step in self.steps:
+            if "gates" not in step.parameters:
+                continue
+            try:
+                gates = resolve(step.parameters["gates"], ctx)
+            except SpecError:
+                continue
+            from saferollout.gates.registry import preview_gates  # imported when a plan has a gated step
+
+            preview = preview_gates(gates, self.parameters)
+            if preview is not None:
+                names, left_out = preview
+                lines.append(f"gates of {step.id}: {', '.join(names)}")
+                lines += [f"  left out: {g['name']} ({g['kind']}): {g['reason']}" for g in left_out]
+                break  # every gated step of the plan holds the same named list
+        return lines
+
     # ---- one step -----------------------------------------------------------------------------------
     def execute(self, step: Step, index: int, failure: dict[str, Any] | None = None) -> StepResult:
         import papermill
@@ -226,12 +250,17 @@ class Runner:
         self.recorded[step.id] = result.records
         self.checkpoint()
         if result.status == "ok":
-            shown = ", ".join(f"{k}={_short(v)}" for k, v in result.records.items() if k != GATE_RECORD)
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in result.records.items()
+                              if k not in (GATE_RECORD, LEFT_OUT_RECORD))
             self.console.print(f"[green]ok {index:02d} {step.id}[/green] {result.duration_s:.1f}s {shown}",
                                highlight=False)
         else:
-            self.console.print(f"[red]xx {index:02d} {step.id}[/red] {result.duration_s:.1f}s "
-                               f"{result.error['message']}", highlight=False)
+            message = (result.error or {}).get("message", "")
+            self.console.print(f"[red]xx {index:02d} {step.id}[/red] {result.duration_s:.1f}s {message}",
+                               highlight=False)
+        for gate in result.records.get(LEFT_OUT_RECORD) or []:
+            self.console.print(f"[yellow]   {step.id} left out gate {gate.get('name')} ({gate.get('kind')}): "
+                               f"{gate.get('reason')}[/yellow]", highlight=False)
         return result
 
     # ---- live traffic ---------------------------------------------------------------------------------
@@ -320,6 +349,8 @@ class Runner:
     def run(self) -> RunResult:
         started = self.started_at = time.time()
         self.console.print(f"[bold]run {self.run_id}[/bold] -> {self.run_dir}")
+        for line in self.plan_lines():
+            self.console.print(f"[dim]{line}[/dim]", highlight=False)
         self.stop_orphaned_traffic()
         self.reclaim_lock()
         failure: dict[str, Any] | None = self.earlier_failure()
@@ -372,8 +403,7 @@ class Runner:
         settings = resolve(self.book.traffic, self.context())
         try:
             backend = get_backend(str(settings.get("backend") or "local"))
-            grain = "PT5S" if backend.name == "local" else "PT1M"
-            return rollout_timeline(backend, str(settings["endpoint"]), summary, grain)
+            return rollout_timeline(backend, str(settings["endpoint"]), summary, backend.finest_grain)
         except Exception as exc:  # noqa: BLE001 (the report is written without it)
             self.console.print(f"[yellow]no rollout timeline in report.html: {exc}[/yellow]", highlight=False)
             return ""
@@ -420,7 +450,7 @@ class Runner:
             "records": {r.id: {k: v for k, v in r.records.items() if k != GATE_RECORD} for r in results},
             "gates": {step: {"decision": g.get("decision"),
                              "verdicts": g.get("verdicts", [])} for step, g in gates.items()},
-            "gates_left_out": {r.id: r.records["gates_left_out"] for r in results if r.records.get("gates_left_out")},
+            "gates_left_out": {r.id: r.records[LEFT_OUT_RECORD] for r in results if r.records.get(LEFT_OUT_RECORD)},
             "failure": failure, "traffic": traffic_summary or self.previous["traffic"], "python": sys.executable,
         }
 
@@ -453,8 +483,19 @@ def client_outcomes(results_path: Path) -> dict[str, dict[str, int]]:
 
 
 def _short(value: Any, width: int = 60) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= width else text[:width - 3] + "..."
+    if not isinstance(value, str):
+        return one_line(value, width)
+    return value if len(value) <= width else value[:width - 3] + "..."
+
+
+def check_local_workspace() -> None:
+    """The local workspace, if it exists, is the user's own and closed to others (BackendError naming the file
+    and the fix); a missing one is created private by the platform later."""
+    from saferollout.backends.local.workspace import check_workspace, resolve_home
+
+    home = resolve_home()
+    if home.exists() or home.is_symlink():
+        check_workspace(home)
 
 
 def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *, runs_dir: str | Path | None = None,
@@ -472,6 +513,8 @@ def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     if "runs_dir" in parameters:
         parameters["runs_dir"] = str(runs_dir)
     steps = plan(book, parameters)  # expansion errors surface before the run directory exists
+    if str(parameters.get("backend") or "local") == "local":
+        check_local_workspace()  # refused now, not at the first step that starts the platform
 
     if only is not None:
         known = [s.id for s in steps] + [s.id for s in book.on_failure]
@@ -486,7 +529,7 @@ def run_runbook(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     runner = Runner(book, parameters, target, console=console, echo=echo, only=set(only) if only is not None else None)
     # kernels run in the notebooks' folder: give them (and the traffic process) this workspace by absolute path,
     # or a relative default (./.saferollout) would name another platform there
-    from saferollout.backends.local.daemon import resolve_home
+    from saferollout.backends.local.workspace import resolve_home
 
     # and the runner's pid, so a rollout lock taken in a kernel names this process as its holder: if the
     # runner is killed, running the runbook again finds the lock's holder gone and may take it over

@@ -5,6 +5,10 @@ Keys the Azure schema knows but the local platform has no use for (identity, net
 settings...) are kept in `extra`: the local platform records them, the Azure backend sends those it names
 (`backends/azure/entities.py`) to Azure; keys the schema does not know are refused, because a typo such as
 `instance_cout` must not silently deploy one instance.
+
+A deployment runs a scoring script (`code_configuration`), or, as Azure's no-code deployment, serves an
+MLflow model without one: a model folder holding an `MLmodel` file, or a registered model of type
+`mlflow_model` (which only the backend that registered it can check).
 """
 from __future__ import annotations
 
@@ -44,6 +48,53 @@ PROBE_KEYS = {"initial_delay", "period", "timeout", "success_threshold", "failur
 CODE_CONFIGURATION_KEYS = {"code", "scoring_script"}
 MODEL_KEYS = {"$schema", "name", "version", "path", "type", "description", "tags", "properties",
               "stage", "flavors", "id"}
+MODEL_TYPES = ("custom_model", "mlflow_model", "triton_model")
+MLFLOW_MODEL = "mlflow_model"
+MLMODEL_FILE = "MLmodel"
+
+
+def is_mlflow_model(path: str | Path) -> bool:
+    """An MLflow model is a folder holding an `MLmodel` file (as MLflow saves one)."""
+    return (Path(path).expanduser() / MLMODEL_FILE).is_file()
+
+
+def model_type_of(path: str | Path) -> str:
+    """The type to register a model folder or file as: `mlflow_model` when it holds an `MLmodel` file."""
+    return MLFLOW_MODEL if is_mlflow_model(path) else "custom_model"
+
+
+def check_model_type(path: str | Path, model_type: str) -> str:
+    """A model type Azure knows; `mlflow_model` only for a folder holding an `MLmodel` file."""
+    if model_type not in MODEL_TYPES:
+        raise SpecError(f"model type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    if model_type == MLFLOW_MODEL and not is_mlflow_model(path):
+        raise SpecError(f"model {path} cannot be registered as {MLFLOW_MODEL}: it is not a folder with an "
+                        f"{MLMODEL_FILE} file (save it with mlflow.<flavor>.save_model)")
+    return model_type
+
+
+def check_scoring(spec: "DeploymentSpec", what: str = "deployment") -> None:
+    """A deployment runs a scoring script, or serves an MLflow model without one (no-code, as on Azure).
+
+    A registered model (`azureml:`) passes here: its type is the backend's to check (`check_no_code_model`).
+    """
+    if spec.code_path and spec.scoring_script:
+        return
+    fix = ("add code_configuration (code and scoring_script), or deploy an MLflow model (a folder with an "
+           f"{MLMODEL_FILE} file, or a registered model of type {MLFLOW_MODEL}) without one")
+    if not spec.model:
+        raise SpecError(f"{what} has no code_configuration and no model: {fix}")
+    if not spec.model.startswith("azureml:") and not is_mlflow_model(spec.model):
+        raise SpecError(f"{what} has no code_configuration and its model {spec.model} is not an MLflow model "
+                        f"(no {MLMODEL_FILE} file in it): {fix}")
+
+
+def check_no_code_model(spec: "DeploymentSpec", model_ref: str, model_type: str, what: str = "deployment") -> None:
+    """A deployment without code_configuration serves a registered model only if it is an MLflow model."""
+    if not (spec.code_path and spec.scoring_script) and model_type != MLFLOW_MODEL:
+        raise SpecError(f"{what} has no code_configuration and its model {model_ref} is a {model_type}, not an "
+                        f"{MLFLOW_MODEL}: add code_configuration (code and scoring_script), or register the "
+                        f"model folder (with its {MLMODEL_FILE} file) as type {MLFLOW_MODEL}")
 
 
 def validate_name(name: Any, what: str = "endpoint") -> str:
@@ -320,9 +371,11 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
         if not data.get(key):
             raise SpecError(f"{what} needs {key}")
     model = data.get("model")
+    inline_type = None
     if isinstance(model, Mapping):
         if "path" not in model:
             raise SpecError(f"{what}: an inline model needs a path")
+        inline_type = model.get("type")
         model = model["path"]
     if model is not None and not isinstance(model, str):
         raise SpecError(f"{what}: model must be a path or an azureml: reference, got {model!r}")
@@ -330,6 +383,11 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
         model = _resolve(base_dir, model)
         if not Path(model).exists():
             raise SpecError(f"{what}: model path does not exist: {model}")
+    if inline_type is not None:
+        if inline_type not in MODEL_TYPES:
+            raise SpecError(f"{what}: model type must be one of {', '.join(MODEL_TYPES)}, got {inline_type!r}")
+        if inline_type == MLFLOW_MODEL and not (isinstance(model, str) and is_mlflow_model(model)):
+            raise SpecError(f"{what}: model {model} is of type {MLFLOW_MODEL} but has no {MLMODEL_FILE} file")
     code = data.get("code_configuration")
     code_path = scoring_script = None
     if code is not None:
@@ -345,7 +403,7 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
     recorded = {"$schema", "name", "endpoint_name", "description", "tags", "properties", "model",
                 "code_configuration", "environment", "instance_type", "instance_count",
                 "request_settings", "liveness_probe", "readiness_probe", "environment_variables"}
-    return DeploymentSpec(
+    spec = DeploymentSpec(
         name=validate_name(data["name"], "deployment"),
         endpoint_name=validate_name(data["endpoint_name"]),
         model=model,
@@ -363,6 +421,8 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
         description=str(data.get("description") or ""),
         extra={k: v for k, v in data.items() if k not in recorded},
     )
+    check_scoring(spec, what)
+    return spec
 
 
 def load_deployment_spec(path: str | Path, name: str | None = None, endpoint_name: str | None = None,

@@ -85,3 +85,12 @@ def test_token_endpoint_gives_an_expiring_token_and_has_no_keys(backend, make_en
     assert credentials.expiry_time_utc is not None
     with pytest.raises(SpecError, match="only key endpoints have keys"):
         backend.regenerate_keys(name)
+
+
+def test_tag_changes_apply_to_the_tags_the_endpoint_has(backend, make_endpoint):
+    name = make_endpoint("tg")
+    backend.update_endpoint(name, tags={"team": "risk", "stage": "dev"})
+    updated = backend.update_endpoint(name, set_tags={"owner": "me", "stage": "prod"}, remove_tags=["team", "absent"])
+    assert updated.tags == {"owner": "me", "stage": "prod"} == backend.get_endpoint(name).tags
+    with pytest.raises(SpecError, match="not both"):
+        backend.update_endpoint(name, tags={}, set_tags={"a": "1"})

@@ -32,7 +32,6 @@ from fakes.azure_state import (MAX_MIRROR, REGION, RESOURCE_GROUP, SUBSCRIPTION,
 from fakes.azure_wire import ARM_HOST, ServiceRefusal, WireRequest, WireResponse, json_response
 
 TOKEN_TTL_S = 3600
-STORAGE_ACCOUNT = "safrolloutfakestore"
 STORAGE_CONTAINER = "azureml-blobstore-00000000"
 PROVIDER = "Microsoft.MachineLearningServices"
 
@@ -101,13 +100,13 @@ class ArmService:
                            "mlFlowTrackingUri": f"azureml://{REGION}.api.azureml.ms/mlflow/v1.0{self.ws_id()}",
                            "workspaceId": "11111111-2222-3333-4444-555555555555",
                            "storageAccount": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/"
-                                             f"providers/Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}"},
+                                             f"providers/Microsoft.Storage/storageAccounts/{self.state.storage_account}"},
             "systemData": _system_data()})
 
     def _datastore(self) -> dict[str, Any]:
         return {"id": f"{self.ws_id()}/datastores/workspaceblobstore", "name": "workspaceblobstore",
                 "type": f"{PROVIDER}/workspaces/datastores",
-                "properties": {"datastoreType": "AzureBlob", "accountName": STORAGE_ACCOUNT,
+                "properties": {"datastoreType": "AzureBlob", "accountName": self.state.storage_account,
                                "containerName": STORAGE_CONTAINER, "endpoint": "core.windows.net",
                                "protocol": "https", "isDefault": True,
                                "credentials": {"credentialsType": "AccountKey"},
@@ -136,7 +135,7 @@ class ArmService:
     def pending_upload(self, request: WireRequest, match: re.Match) -> WireResponse:
         self._check_scope(match)
         # a temporary container of its own, with a container SAS: the SDK uploads into it
-        blob_uri = f"https://{STORAGE_ACCOUNT}.blob.core.windows.net/{uuid.uuid4()}"
+        blob_uri = f"https://{self.state.storage_account}.blob.core.windows.net/{uuid.uuid4()}"
         return json_response(200, {
             "pendingUploadId": uuid.uuid4().hex, "pendingUploadType": "TemporaryBlobReference",
             "blobReferenceForConsumption": {
@@ -405,16 +404,22 @@ class ArmService:
                                                       f"endpoint {endpoint}: wait for it to complete.")
             previous = deployments.get(name)
             code = props.get("codeConfiguration") or {}
-            if not code.get("codeId") or not code.get("scoringScript"):
-                raise bad_request("A managed online deployment without an MLflow model needs codeConfiguration "
-                                  "with codeId and scoringScript.")
-            code_dir = self._code_folder(data, code["codeId"])
-            if not (code_dir / code["scoringScript"]).is_file():
-                raise bad_request(f"Scoring script {code['scoringScript']} was not found in code "
-                                  f"{code['codeId']}.")
             if not props.get("model"):
                 raise bad_request(f"Deployment '{name}' needs a model.")
             model_dir = self._model_folder(data, props["model"])
+            if code:  # a scoring script of the user's
+                if not code.get("codeId") or not code.get("scoringScript"):
+                    raise bad_request("codeConfiguration needs codeId and scoringScript.")
+                code_dir = self._code_folder(data, code["codeId"])
+                if not (code_dir / code["scoringScript"]).is_file():
+                    raise bad_request(f"Scoring script {code['scoringScript']} was not found in code "
+                                      f"{code['codeId']}.")
+            else:  # no-code: the service serves an MLflow model with a scoring script and image of its own
+                model_type = self._model_record(data, props["model"])["properties"].get("modelType")
+                if model_type != "mlflow_model":
+                    raise bad_request("A managed online deployment without an MLflow model needs codeConfiguration "
+                                      f"with codeId and scoringScript (model {props['model']} is a {model_type}).")
+                code_dir = None
             for key, default in DEPLOYMENT_DEFAULTS.items():  # what the service fills in, as its answers show
                 if props.get(key) is None:
                     props[key] = default
@@ -422,8 +427,8 @@ class ArmService:
             sku = body.get("sku") or {}
             record = {
                 "name": name, "uid": uid, "generation": (previous["generation"] + 1) if previous else 1,
-                "model_dir": str(model_dir), "scoring_script": code["scoringScript"],
-                "code_dir": str(self.state.snapshot_code(endpoint, name, uid, code_dir)),
+                "model_dir": str(model_dir), "scoring_script": code.get("scoringScript"),
+                "code_dir": str(self.state.snapshot_code(endpoint, name, uid, code_dir)) if code_dir else None,
                 "instance_count": int(sku.get("capacity") or 1), "sku": sku or None,
                 "environment_variables": {str(k): str(v) for k, v in
                                           (props.get("environmentVariables") or {}).items()},
@@ -473,24 +478,28 @@ class ArmService:
             raise bad_request(f"Code {code_id} was not found in the workspace.")
         return self._blob_folder(record["properties"]["codeUri"])
 
-    def _model_folder(self, data: dict[str, Any], model_id: str) -> Path:
+    def _model_record(self, data: dict[str, Any], model_id: str) -> dict[str, Any]:
         m = re.search(r"/models/([^/]+)/versions/([^/]+)$", model_id, re.IGNORECASE)
         versions = data["models"].get(m[1], {}) if m else {}
         record = versions.get(m[2]) if m else None
         if record is None:
             raise bad_request(f"Model {model_id} was not found in the workspace.")
-        return self._blob_folder(record["properties"]["modelUri"])
+        return record
+
+    def _model_folder(self, data: dict[str, Any], model_id: str) -> Path:
+        return self._blob_folder(self._model_record(data, model_id)["properties"]["modelUri"])
 
     def _blob_folder(self, uri: str) -> Path:
         """A datastore or blob URI -> where the fake blob storage keeps it."""
         from fakes.azure_blob import blob_root
 
         m = re.match(r"azureml://.*?/datastores/[^/]+/paths/(?P<path>.+)$", uri) or \
-            re.match(rf"https://{STORAGE_ACCOUNT}\.blob\.core\.windows\.net/(?P<container>[^/?]+)/(?P<path>[^?]+)", uri)
+            re.match(rf"https://{self.state.storage_account}\.blob\.core\.windows\.net/"
+                     r"(?P<container>[^/?]+)/(?P<path>[^?]+)", uri)
         if m is None:
             raise bad_request(f"Cannot read asset {uri}: not in the workspace's storage.")
         container = m.groupdict().get("container") or STORAGE_CONTAINER
-        folder = blob_root(self.state, STORAGE_ACCOUNT, container) / m["path"].rstrip("/")
+        folder = blob_root(self.state, self.state.storage_account, container) / m["path"].rstrip("/")
         if not folder.exists():
             raise bad_request(f"Asset {uri} has no files in storage.")
         return folder

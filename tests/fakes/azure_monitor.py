@@ -28,7 +28,8 @@ import isodate
 from fakes.azure_state import FakeWorkspaceState
 from fakes.azure_wire import ARM_HOST, ServiceRefusal, WireRequest, WireResponse, json_response
 from saferollout.backends.base import METRIC_DIMENSIONS
-from saferollout.backends.local.metrics import BoolOp, Comparison, aggregate, parse_filter
+from saferollout.backends.local.metrics import aggregate
+from saferollout.backends.query import BoolOp, Comparison, parse_filter
 
 ENDPOINT_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
 DEPLOYMENT_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"

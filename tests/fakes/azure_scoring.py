@@ -26,6 +26,7 @@ import requests
 from requests.structures import CaseInsensitiveDict
 
 from fakes.azure_state import FakeWorkspaceState
+from saferollout.backends.local import mlflow_scoring
 
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 _ENV_LOCK = threading.RLock()  # os.environ is process-wide: one scoring call at a time patches it
@@ -66,7 +67,8 @@ class ScoringRuntime:
         module = self._modules.get(key)
         if module is not None:
             return module
-        script = Path(record["code_dir"]) / record["scoring_script"]
+        script = Path(record["code_dir"]) / record["scoring_script"] if record.get("scoring_script") \
+            else Path(mlflow_scoring.__file__)  # no-code MLflow: the service's own script, ours stands in
         spec = importlib.util.spec_from_file_location(
             f"fake_azure_score_{endpoint}_{record['name']}_{record['uid']}".replace("-", "_"), script)
         module = importlib.util.module_from_spec(spec)
@@ -99,7 +101,8 @@ class ScoringRuntime:
             module = self.load(endpoint, record)
             with patched_environ(self.environment(record)):
                 started = time.perf_counter()
-                answer = module.run(body.decode("utf-8"))
+                run = module.run if record.get("scoring_script") else module.predict  # no-code: raises on
+                answer = run(body.decode("utf-8"))  # bad input, as Azure's own MLflow script does (a 500)
                 elapsed_ms = (time.perf_counter() - started) * 1000.0
         except BaseException as exc:  # noqa: BLE001 - the model server turns any error into a 500
             elapsed_ms = 0.0 if started is None else (time.perf_counter() - started) * 1000.0

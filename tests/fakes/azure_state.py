@@ -8,6 +8,7 @@ workspace's storage.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -16,6 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from saferollout.backends.local.metrics import request_row
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "rg-saferollout-fake"
@@ -37,6 +40,10 @@ class FakeWorkspaceState:
         self.path = self.root / "state.json"
         self.lock_path = self.root / "state.lock"
         self.requests_path = self.root / "requests.jsonl"
+        # a storage account name of its own (3-24 lowercase letters and digits): the SDK's blob clients are
+        # routed to this workspace's transport by the account they address, so two fakes in one process
+        # (a session's and a test's) never receive each other's uploads
+        self.storage_account = "srfake" + hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:14]
         if not self.path.exists():
             with self.transaction() as state:
                 state.update({"models": {}, "endpoints": {}, "deployments": {}, "tokens": {}, "codes": {},
@@ -154,7 +161,7 @@ class FakeWorkspaceState:
             return []
         rows = []
         for line in self._read_locked(self.requests_path).splitlines():
-            row = tuple(json.loads(line))
+            row = request_row(*json.loads(line))
             if row[1] == endpoint and start <= row[0] < end:
                 rows.append(row)
         return rows

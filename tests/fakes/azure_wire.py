@@ -211,19 +211,29 @@ class FakeCredential:
 # ---- building the real clients over the fake wire ---------------------------------------------
 
 _BLOB_ROUTED = threading.Lock()
-_blob_transport: list[FakeAzureTransport] = []
+_blob_transports: dict[str, FakeAzureTransport] = {}  # storage account -> the fake workspace that owns it
+
+
+def _transport_for(account_url: str) -> FakeAzureTransport:
+    account = (urlparse(account_url if "//" in account_url else f"https://{account_url}").hostname or "").split(".")[0]
+    try:
+        return _blob_transports[account]
+    except KeyError:
+        raise RuntimeError(f"no fake workspace owns the storage account {account!r} ({account_url})") from None
 
 
 def route_blob_uploads(transport: FakeAzureTransport) -> None:
     """Make the blob clients azure-ai-ml builds for uploads send through `transport`.
 
     azure-ai-ml constructs `BlobServiceClient(account_url, credential)` itself and passes no transport on;
-    the storage SDK takes one as a keyword. Only that keyword is added: the SDK's upload code runs as is."""
+    the storage SDK takes one as a keyword. Only that keyword is added: the SDK's upload code runs as is.
+    Each fake workspace has its own storage account, and a client goes to the workspace whose account its
+    URL names (several fakes live in one test process)."""
     from azure.ai.ml._artifacts import _blob_storage_helper
     from azure.storage.blob import BlobServiceClient, ContainerClient
 
     with _BLOB_ROUTED:
-        _blob_transport[:] = [transport]
+        _blob_transports[transport.state.storage_account] = transport
         if getattr(_blob_storage_helper.BlobServiceClient, "_fake_wire", False):
             return
 
@@ -231,14 +241,14 @@ def route_blob_uploads(transport: FakeAzureTransport) -> None:
             _fake_wire = True
 
             def __init__(self, account_url: str, credential: Any = None, **kwargs: Any):
-                kwargs.setdefault("transport", _blob_transport[0])
+                kwargs.setdefault("transport", _transport_for(account_url))
                 super().__init__(account_url, credential=credential, **kwargs)
 
         class RoutedContainerClient(ContainerClient):  # SAS uploads: `ContainerClient.from_container_url`
             _fake_wire = True
 
             def __init__(self, account_url: str, container_name: str, credential: Any = None, **kwargs: Any):
-                kwargs.setdefault("transport", _blob_transport[0])
+                kwargs.setdefault("transport", _transport_for(account_url))
                 super().__init__(account_url, container_name, credential=credential, **kwargs)
 
         _blob_storage_helper.BlobServiceClient = RoutedBlobServiceClient

@@ -14,7 +14,7 @@ import numpy as np
 
 from saferollout.backends.base import (Deployment, Endpoint, InvokeResult, MetricPoint, MetricSeries, MirroredPair, Model,
                                        RequestSample)
-from saferollout.backends.local.metrics import aggregate
+from saferollout.backends.local.metrics import aggregate, request_row
 from saferollout.errors import NotFound
 
 ENDPOINT = "credit"
@@ -41,6 +41,7 @@ class FakeBackend:
     """Backend protocol over in-memory rows; `scorers` answer `invoke` per deployment."""
 
     name = "fake"
+    finest_grain = "PT1M"
 
     def __init__(self, rows: Iterable[tuple] = (), *, models: dict[tuple[str, int], Model] | None = None,
                  deployments: dict[str, str] | None = None, pairs: Iterable[MirroredPair] = (),
@@ -59,7 +60,7 @@ class FakeBackend:
 
     def query_metrics(self, endpoint: str, metric: str, *, aggregation: str = "Average", grain: str = "PT1M",
                       start=None, end=None, filter: str | None = None, split_by=()) -> list[MetricSeries]:
-        rows = [r for r in self.rows if r[1] == endpoint]
+        rows = [request_row(*r) for r in self.rows if r[1] == endpoint]
         series = aggregate(rows, metric, aggregation, grain, _epoch(start), _epoch(end), filter, split_by)
         return [MetricSeries(s["metric"], s["aggregation"], s["grain"], s["dimensions"],
                              [MetricPoint(datetime.fromtimestamp(p["timestamp"], tz=timezone.utc), p["value"])
@@ -68,8 +69,9 @@ class FakeBackend:
     def request_samples(self, endpoint: str, *, deployment: str | None = None, start=None, end=None,
                         include_mirrored: bool = False) -> list[RequestSample]:
         lo, hi = _epoch(start), _epoch(end)
-        return [RequestSample(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], bool(r[8]) if len(r) > 8 else False)
-                for r in self.rows
+        rows = [request_row(*r) for r in self.rows]
+        return [RequestSample(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], bool(r[8]), bool(r[9]))
+                for r in rows
                 if r[1] == endpoint and lo <= r[0] < hi and (deployment is None or r[2] == deployment)
                 and (include_mirrored or not r[5])]
 

@@ -49,9 +49,16 @@ def test_the_run_passes_when_every_gate_has_passed():
     report, lines, clock = run([Scripted(name="a", after_s=10), Scripted(name="b", after_s=20)])
     assert report.decision == "pass" and [v.decision for v in report.verdicts] == ["pass", "pass"]
     assert clock.now == T0 + 20
-    assert lines[-1] == "20s elapsed, n per deployment: green 10 | a: pass; b: pass"
+    # the counts of the freshest look: a passed at 10 s on 10 requests, b at 20 s on 20
+    assert lines[-1] == "20s elapsed, n per deployment: green 20 | a: pass; b: pass"
     # a passed gate is not looked at again
     assert [v.gate for v in report.history].count("a") == 3
+
+
+def test_gates_without_request_counts_say_what_they_wait_for():
+    _, lines, _ = run([Scripted(name="bake", after_s=10)])
+    assert lines[0] == "0s elapsed | bake: inconclusive (scripted wait)"
+    assert lines[-1] == "10s elapsed, n per deployment: green 10 | bake: pass"
 
 
 def test_a_fail_ends_the_run_at_once():

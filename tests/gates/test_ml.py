@@ -102,7 +102,29 @@ def test_agreement_is_inconclusive_while_the_rc_fails_requests(context, tmp_path
     fake = FakeBackend(scorers={"green": scorer(status=500), "blue": scorer()})
     verdict = AgreementGate(requests=requests_file(tmp_path), n=20).check(context(fake, 0))
     assert verdict.decision == "inconclusive"
-    assert verdict.reason == "20 of 20 paired requests failed on green or blue"
+    assert verdict.reason == ("0 of 20 requests answered by both green and blue; the others are sent again at "
+                              "the next look (20 x 500 from green)")
+
+
+def test_agreement_sends_again_only_the_requests_a_busy_prod_refused(context, tmp_path):
+    """PROD answers 429 to every third request at the first look (busy), then recovers: the second look
+    sends only those again, and the gate decides on all 30 pairs."""
+    calls = {"blue": 0}
+    healthy = scorer()
+
+    def busy_then_recovered(body):
+        calls["blue"] += 1
+        return (429, {"message": "too many requests"}) if calls["blue"] <= 30 and calls["blue"] % 3 == 0 \
+            else healthy(body)
+
+    fake = FakeBackend(scorers={"green": scorer(), "blue": busy_then_recovered})
+    gate = AgreementGate(requests=requests_file(tmp_path), n=30)
+    first = gate.check(context(fake, 0))
+    assert first.decision == "inconclusive" and first.reason.startswith("20 of 30 requests answered by both")
+    assert "(10 x 429 from blue)" in first.reason
+    second = gate.check(context(fake, 5))
+    assert second.decision == "pass" and second.evidence["rows"] == 30
+    assert fake.invocations == 60 + 20  # the 10 refused pairs again, not all 30
 
 
 def test_agreement_with_a_missing_requests_file_is_inconclusive(context, tmp_path):

@@ -103,6 +103,15 @@ def test_gate_passes_a_healthy_rc_on_latency(context):
     assert verdict.evidence["rc_above_allowed"] / 450 < 0.1 and verdict.evidence["e_value_no_harm"] >= 25
 
 
+def test_a_latency_pass_just_after_the_warm_up_shows_the_requests_it_was_decided_on(context):
+    # the pass test reads the warm-up too; with one second left after it, a p90 'of 1 request' misled readers
+    verdict = SequentialGate(metric="latency", warmup_s=298).check(context(healthy_and(rc_latency=lognormal()), 300))
+    assert verdict.decision == "pass", verdict.reason
+    n = verdict.evidence["n"]  # the answered requests of the window (450 and 4050 sent, a few of them errors)
+    assert n["rc"] > 440 and n["prod"] > 4000 and sum(verdict.evidence["n_after_warmup"].values()) < 100
+    assert f"({n['rc']}) vs PROD" in verdict.reason and f"({n['prod']}), the warm-up included" in verdict.reason
+
+
 def test_latency_waits_for_calibration_before_it_can_fail(context):
     backend = healthy_and(rc_latency=lognormal(scale=3.0), seconds=10, rc_n=40, prod_n=120)
     verdict = SequentialGate(metric="latency", warmup_s=0).check(context(backend, 10))

@@ -105,7 +105,7 @@ def test_the_bake_error_gate_fails_a_new_prod_whose_model_fails(context):
     from saferollout import pipeline
 
     class Local(FakeBackend):
-        name = "local"
+        finest_grain = "PT5S"
 
     rows = [(r[0], r[1], r[2], 424, r[4], r[5], r[6], 500) for r in stream("green", 120, T0, T0 + 30)]
     errors = next(g for g in pipeline.choose_gates(Local(rows), "bake", 30) if g.name == "bake-errors")

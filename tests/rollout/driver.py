@@ -42,23 +42,23 @@ def main(endpoint: str, deployment_yml: str, model: str, run_id: str, steps: str
         state = rollout.read_state(backend, endpoint)
         step = rollout.next_step(state, traffic_steps, model=model)
         say(f"begin {step}")
-        if step == "done":
+        if step.kind == rollout.Next.DONE:
             rollout.release_lock(backend, endpoint, OWNER)
             say("done done")
             return 0
-        if step == "deploy":
+        if step.kind == rollout.Next.DEPLOY:
             rollout.deploy_candidate(backend, endpoint, spec, model)
-        elif step == "smoke":
+        elif step.kind == rollout.Next.SMOKE:
             rollout.smoke_test(backend, endpoint, state.rc, bodies).raise_if_failed()
             rollout.mark_smoke_tested(backend, endpoint)
-        elif step.startswith("shift:"):
-            rollout.shift_traffic(backend, endpoint, int(step.split(":")[1]))
-        elif step.startswith("gate:"):
+        elif step.kind == rollout.Next.SHIFT:
+            rollout.shift_traffic(backend, endpoint, step.percent)
+        elif step.kind == rollout.Next.GATE:
             quick_gate(backend, endpoint, bodies)
-            rollout.mark_gate_passed(backend, endpoint, int(step.split(":")[1]))
-        elif step == "promote":
+            rollout.mark_gate_passed(backend, endpoint, step.percent)
+        elif step.kind == rollout.Next.PROMOTE:
             rollout.promote(backend, endpoint)
-        elif step == "bake":
+        elif step.kind == rollout.Next.BAKE:
             quick_gate(backend, endpoint, bodies)
             rollout.delete_old_prod(backend, endpoint)
         say(f"done {step}")

@@ -199,6 +199,7 @@ class RequestSample:
     request_id: str = ""
     model_status_code: int | None = None
     pinned: bool = False  # sent with the `azureml-model-deployment` header: not routed by the traffic split
+    held: bool = False  # (local) waited for instances coming back after a platform restart: no deployment's doing
 
     @property
     def status_class(self) -> str:
@@ -213,14 +214,18 @@ class Backend(Protocol):
     """An Azure-ML-shaped endpoint platform. Everything above the backends uses only this."""
 
     name: str
-    supports_raw_samples: bool
+    # capabilities: callers read these, never probe a backend by its name or its attributes
+    supports_raw_samples: bool  # `request_samples` answers (per-request rows); else only aggregates
+    supports_mirrored_pairs: bool  # `mirrored_pairs` answers (live and mirrored answers to one request)
+    finest_grain: str  # the finest metric interval it serves, as an ISO 8601 duration (PT5S, PT1M)
     # seconds after an interval ends before its metrics are complete (Azure Monitor ingests with a delay)
     metrics_delay_s: float
 
     # models
     def register_model(self, name: str, path: str, *, description: str = "",
                        tags: dict[str, str] | None = None,
-                       properties: dict[str, str] | None = None) -> Model: ...
+                       properties: dict[str, str] | None = None,
+                       type: str = "custom_model") -> Model: ...  # or mlflow_model, triton_model, as on Azure
     def get_model(self, name: str, version: int | str | None = None) -> Model: ...
     def list_models(self, name: str | None = None) -> list[Model]: ...
 
@@ -231,7 +236,12 @@ class Backend(Protocol):
     def update_endpoint(self, name: str, *, traffic: dict[str, int] | None = None,
                         mirror_traffic: dict[str, int] | None = None,
                         tags: dict[str, str] | None = None,
-                        description: str | None = None) -> Endpoint: ...
+                        description: str | None = None,
+                        set_tags: dict[str, str] | None = None,
+                        remove_tags: Iterable[str] = ()) -> Endpoint: ...
+    # `tags` replaces the whole map; `set_tags` / `remove_tags` change only those keys, applied to the tags
+    # the endpoint has when the update lands (one step on the local platform, so two clients changing
+    # different tags never undo each other; on Azure within this call's read and write). Not both.
     def delete_endpoint(self, name: str) -> None: ...
     def get_credentials(self, name: str) -> Credentials: ...
     def regenerate_keys(self, name: str, key_type: str = "primary") -> Credentials: ...
@@ -258,6 +268,8 @@ class Backend(Protocol):
     def request_samples(self, endpoint: str, *, deployment: str | None = None,
                         start: datetime | None = None, end: datetime | None = None,
                         include_mirrored: bool = False) -> list[RequestSample]: ...
+    def mirrored_pairs(self, endpoint: str, *, start: datetime | None = None,
+                       end: datetime | None = None) -> list[MirroredPair]: ...
 
 
 @dataclass

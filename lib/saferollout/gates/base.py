@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -95,9 +95,16 @@ class PinnedLedger:
 @runtime_checkable
 class Gate(Protocol):
     name: str
-    kind: str
-    needs_samples: bool
     max_duration_s: float
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def needs_samples(self) -> bool:  # reads raw request samples (`Backend.supports_raw_samples`)
+        ...
+    @property
+    def needs_mirrored_pairs(self) -> bool:  # reads mirrored pairs (`Backend.supports_mirrored_pairs`)
+        ...
 
     def check(self, ctx: GateContext) -> Verdict: ...
 
@@ -126,6 +133,7 @@ class GateBase:
 
     kind: ClassVar[str] = ""
     needs_samples: ClassVar[bool] = False
+    needs_mirrored_pairs: ClassVar[bool] = False
 
     def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
         raise NotImplementedError
@@ -164,14 +172,15 @@ def to_datetime(ts: float) -> datetime:
 
 
 def fetch_samples(ctx: GateContext, deployment: str) -> list[RequestSample]:
-    """Live requests served by `deployment` in the window: neither mirrored nor pinned with the header.
+    """Live requests served by `deployment` in the window: not mirrored, not pinned with the header, not held.
 
     Pinned requests (the rollout's smoke test, warm-up and agreement rows) were not routed by the traffic
     split, so counting them would break the routing the tests rely on and weigh the RC with our own calls.
+    Held ones waited through a restart of the local platform: the platform's outage, not the deployment's.
     """
     samples = ctx.backend.request_samples(ctx.endpoint, deployment=deployment, start=to_datetime(ctx.start),
                                           end=to_datetime(ctx.now), include_mirrored=False)
-    return [s for s in samples if s.deployment == deployment and not s.mirrored and not s.pinned]
+    return [s for s in samples if s.deployment == deployment and not s.mirrored and not s.pinned and not s.held]
 
 
 def require_prod(ctx: GateContext) -> str:
@@ -180,7 +189,7 @@ def require_prod(ctx: GateContext) -> str:
     return ctx.prod
 
 
-def require_samples(counts: dict[str, int], minimum: int) -> None:
+def require_samples(counts: Mapping[str, float], minimum: int) -> None:
     """Inconclusive unless every deployment has `minimum` samples; the reason names who is short."""
     short = {name: n for name, n in counts.items() if n < minimum}
     if short:

@@ -30,7 +30,7 @@ AGGREGATE_QUANTILES = {0.5: "RequestLatency_P50", 0.9: "RequestLatency_P90", 0.9
                        0.99: "RequestLatency_P99"}
 
 
-def compare_errors(n_rc: int, x_rc: int, n_prod: int, x_prod: int, *, tolerance_points: float,
+def compare_errors(n_rc: float, x_rc: float, n_prod: float, x_prod: float, *, tolerance_points: float,
                    alpha: float) -> tuple[str, str, dict[str, Any]]:
     """One-sided test of RC error rate above PROD's + tolerance; pass unless significant."""
     p_rc, p_prod, margin = x_rc / n_rc, x_prod / n_prod, tolerance_points / 100.0
@@ -89,9 +89,14 @@ class CompareGate(GateBase):
     RENAMED = {"margin": "tolerance", "max_ratio": "tolerance"}
 
     def __post_init__(self) -> None:
-        if self.tolerance is None:
-            self.tolerance = 0.5 if self.metric == "errors" else 1.2
+        self.tolerance = self.limit()
         self.name = self.name or f"{self.metric}-compare"
+
+    def limit(self) -> float:
+        """The tolerance: as given, else this metric's default."""
+        if self.tolerance is None:
+            return 0.5 if self.metric == "errors" else 1.2
+        return self.tolerance
 
     @property
     def needs_samples(self) -> bool:  # type: ignore[override]
@@ -99,15 +104,16 @@ class CompareGate(GateBase):
 
     def validate(self) -> list[str]:
         problems = []
+        tolerance = self.limit()
         if self.mode == "aggregates" and self.metric == "latency" and self.quantile not in AGGREGATE_QUANTILES:
             problems.append(f"quantile must be one of {', '.join(map(str, AGGREGATE_QUANTILES))} in aggregates mode")
         if not 0 < self.alpha < 1:
             problems.append("alpha must be between 0 and 1")
         if self.min_samples < 1:
             problems.append("min_samples must be at least 1")
-        if self.metric == "latency" and self.tolerance < 1:
+        if self.metric == "latency" and tolerance < 1:
             problems.append("tolerance for latency is a ratio of quantiles, at least 1 (e.g. 1.2)")
-        if self.metric == "errors" and not 0 <= self.tolerance < 100:
+        if self.metric == "errors" and not 0 <= tolerance < 100:
             problems.append("tolerance for errors is in percentage points, between 0 and 100")
         if self.warmup_s < 0:
             problems.append("warmup_s must be at least 0")
@@ -115,6 +121,7 @@ class CompareGate(GateBase):
 
     def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
         prod = require_prod(ctx)
+        tolerance = self.limit()
         if self.mode == "aggregates":
             return self._look_aggregates(ctx, prod)
         rc_samples, prod_samples = fetch_samples(ctx, ctx.rc), fetch_samples(ctx, prod)
@@ -122,31 +129,32 @@ class CompareGate(GateBase):
         if self.metric == "errors":
             return compare_errors(len(rc_samples), sum(is_error(s.status_code) for s in rc_samples),
                                   len(prod_samples), sum(is_error(s.status_code) for s in prod_samples),
-                                  tolerance_points=self.tolerance, alpha=self.alpha)
+                                  tolerance_points=tolerance, alpha=self.alpha)
         warm = ctx.start + self.warmup_s
         rc_ms = [s.latency_ms for s in rc_samples if not is_error(s.status_code) and s.timestamp >= warm]
         prod_ms = [s.latency_ms for s in prod_samples if not is_error(s.status_code) and s.timestamp >= warm]
         require_samples({ctx.rc: len(rc_ms), prod: len(prod_ms)}, self.min_samples)
-        return compare_latency(rc_ms, prod_ms, quantile=self.quantile, tolerance_ratio=self.tolerance,
+        return compare_latency(rc_ms, prod_ms, quantile=self.quantile, tolerance_ratio=tolerance,
                                alpha=self.alpha)
 
     def _look_aggregates(self, ctx: GateContext, prod: str) -> tuple[str, str, dict[str, Any]]:
         counts = self._query_counts(ctx)  # {(deployment, class): count}
+        tolerance = self.limit()
         totals = {d: sum(v for (dep, _), v in counts.items() if dep == d) for d in (ctx.rc, prod)}
         require_samples(totals, self.min_samples)
         if self.metric == "errors":
             errors = {d: sum(v for (dep, cls), v in counts.items() if dep == d and cls != "2xx") for d in totals}
             decision, reason, evidence = compare_errors(totals[ctx.rc], errors[ctx.rc], totals[prod], errors[prod],
-                                                        tolerance_points=self.tolerance, alpha=self.alpha)
+                                                        tolerance_points=tolerance, alpha=self.alpha)
             return decision, reason, dict(evidence, mode="aggregates")
         rc_q, prod_q = (self._weighted_quantile(ctx, d) for d in (ctx.rc, prod))
         ratio = rc_q / prod_q if prod_q > 0 else math.inf
         label = f"p{self.quantile * 100:g}"
         evidence = {"mode": "aggregates", "n": totals, "latency_ms": {"rc": rc_q, "prod": prod_q},
-                    "ratio": ratio, "tolerance_ratio": self.tolerance, "metric": AGGREGATE_QUANTILES[self.quantile],
+                    "ratio": ratio, "tolerance_ratio": tolerance, "metric": AGGREGATE_QUANTILES[self.quantile],
                     "test": None}
-        observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, tolerance {self.tolerance:g})"
-        if ratio > self.tolerance:
+        observed = f"{label} RC {rc_q:.1f} ms vs PROD {prod_q:.1f} ms (ratio {ratio:.2f}, tolerance {tolerance:g})"
+        if ratio > tolerance:
             return "fail", f"latency {observed}, from per-interval aggregates", evidence
         return "pass", f"latency {observed}, from per-interval aggregates", evidence
 
@@ -160,7 +168,7 @@ class CompareGate(GateBase):
             counts[key] = counts.get(key, 0) + sum(p.value or 0 for p in s.points)
         # requests the gates pinned themselves are not live traffic: take out those the metrics hold by now
         if isinstance(ctx.backend, PinnedLedger):
-            settled = ctx.now - float(getattr(ctx.backend, "metrics_delay_s", 0.0))
+            settled = ctx.now - ctx.backend.metrics_delay_s
             for key, n in ctx.backend.counts(ctx.start, settled).items():
                 if key in counts:
                     counts[key] = max(0.0, counts[key] - n)
@@ -169,7 +177,7 @@ class CompareGate(GateBase):
     def _weighted_quantile(self, ctx: GateContext, deployment: str) -> float:
         """Count-weighted mean of the per-interval percentile (an approximation of the window's)."""
         metric = AGGREGATE_QUANTILES[self.quantile]
-        window = {"start": to_datetime(ctx.start), "end": to_datetime(ctx.now), "grain": self.grain,
+        window: dict[str, Any] = {"start": to_datetime(ctx.start), "end": to_datetime(ctx.now), "grain": self.grain,
                   "filter": f"deployment eq '{deployment}'"}
         quantiles = ctx.backend.query_metrics(ctx.endpoint, metric, aggregation="Average", **window)
         counts = ctx.backend.query_metrics(ctx.endpoint, "RequestsPerMinute", aggregation="Total", **window)

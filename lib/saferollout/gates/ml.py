@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,6 +200,7 @@ def judge_agreement(rc_pred, prod_pred, rc_prob, prod_prob, *, min_agreement: fl
     distributions (`rc_prob`/`prod_prob`; None when the answers carry no scores). Regression: the share of
     rows whose RC prediction is within `rel_tolerance` (of PROD's) or `abs_tolerance` of PROD's, and the
     distance between the prediction distributions."""
+    value: float | None
     if task == "regression":
         try:
             rc_values, prod_values = np.asarray(rc_pred, float).ravel(), np.asarray(prod_pred, float).ravel()
@@ -308,6 +308,10 @@ class AgreementGate(GateBase):
         self.name = self.name or "prediction-agreement"
         self._scored: tuple | None = None  # header source: the paired answers, sent once per window
 
+    @property
+    def needs_mirrored_pairs(self) -> bool:  # type: ignore[override]
+        return self.source == "mirror"
+
     def validate(self) -> list[str]:
         problems = []
         if self.n < 1 or self.batch_size < 1:
@@ -345,27 +349,39 @@ class AgreementGate(GateBase):
                                       answer_path=self.answer_path or None)
 
     def _pairs_from_header(self, ctx: GateContext, prod: str) -> Paired:
+        """Each request body sent pinned to the RC and to PROD, once per window. A pair that failed (a 429
+        while PROD is busy, a timeout) is sent again at the next look, the pairs already answered are kept:
+        the gate decides once every body has both answers, or stays inconclusive until its window ends."""
         key = (ctx.endpoint, ctx.rc, prod, ctx.start)
-        if self._scored is not None and self._scored[0] == key:
-            return self._scored[1]
-        out = Paired()
-        failures = 0
+        if self._scored is None or self._scored[0] != key:
+            self._scored = (key, {})
+        answered: dict[int, tuple[Rows, Rows]] = self._scored[1]
         bodies = load_requests(self.requests, self.n, self.batch_size)
-        for body in bodies:
-            rc_answer = ctx.backend.invoke(ctx.endpoint, body, deployment=ctx.rc)
-            prod_answer = ctx.backend.invoke(ctx.endpoint, body, deployment=prod)
-            if not (rc_answer.ok and prod_answer.ok):
-                failures += 1
+        failed: dict[str, int] = {}
+        for i, body in enumerate(bodies):
+            if i in answered:
                 continue
-            out.add(parse_answer(rc_answer.body, self.answer_path), parse_answer(prod_answer.body, self.answer_path))
-        if failures:  # retry at the next look: a failing deployment is the other gates' business
-            raise Inconclusive(f"{failures} of {len(bodies)} paired requests failed on {ctx.rc} or {prod}",
-                               {"failed_requests": failures})
-        self._scored = (key, out)
+            rc_answer = ctx.backend.invoke(ctx.endpoint, body, deployment=ctx.rc)
+            prod_answer = ctx.backend.invoke(ctx.endpoint, body, deployment=prod) if rc_answer.ok else None
+            if not rc_answer.ok or prod_answer is None or not prod_answer.ok:
+                who, answer = (ctx.rc, rc_answer) if not rc_answer.ok else (prod, prod_answer)
+                what = f"{answer.status} from {who}" if answer is not None else who
+                failed[what] = failed.get(what, 0) + 1
+                continue
+            answered[i] = (parse_answer(rc_answer.body, self.answer_path),
+                           parse_answer(prod_answer.body, self.answer_path))
+        if failed:  # sent again at the next look: a failing deployment is the other gates' business
+            detail = ", ".join(f"{n} x {what}" for what, n in sorted(failed.items()))
+            raise Inconclusive(f"{len(answered)} of {len(bodies)} requests answered by both {ctx.rc} and {prod}; "
+                               f"the others are sent again at the next look ({detail})",
+                               {"failed_requests": sum(failed.values()), "answered": len(answered)})
+        out = Paired()
+        for i in range(len(bodies)):
+            out.add(*answered[i])
         return out
 
     def _pairs_from_mirror(self, ctx: GateContext, prod: str) -> Paired:
-        if not hasattr(ctx.backend, "mirrored_pairs"):
+        if not ctx.backend.supports_mirrored_pairs:
             raise Inconclusive(f"backend {ctx.backend.name!r} has no mirrored pairs: use source: header")
         out = Paired()
         for pair in ctx.backend.mirrored_pairs(ctx.endpoint, start=to_datetime(ctx.start), end=to_datetime(ctx.now)):

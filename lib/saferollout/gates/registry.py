@@ -12,12 +12,13 @@ from typing import Any
 
 import yaml
 
-from saferollout.errors import SpecError
+from saferollout.errors import SafeRolloutError, SpecError
 from saferollout.gates.base import Gate, GateBase
 from saferollout.gates.compare import CompareGate
 from saferollout.gates.ml import AgreementGate, QualityGate
 from saferollout.gates.sequential import SequentialGate
 from saferollout.gates.threshold import ThresholdGate
+from saferollout.specs import load_deployment_spec
 
 KINDS: dict[str, type[GateBase]] = {
     "threshold": ThresholdGate,
@@ -41,10 +42,38 @@ AGGREGATE_GATES: list[dict[str, Any]] = [
 ]
 
 
+def preview_gates(gates: Any, parameters: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]] | None:
+    """For the plan printed when a run starts: the gates a named list (`auto`, `aggregate`) holds on the
+    run's backend, and those already known to be left out, with why (the offline-quality gate, when the model
+    is a file or folder the register step registers without offline metrics). None for the user's own list
+    (kept whole). The validate step decides the rest once both models are registered, and lists them."""
+    if isinstance(gates, str):
+        gates = gates.strip()
+    if gates not in (None, "", "auto", "default", "aggregate"):
+        return None
+    raw = str(parameters.get("backend") or "local") == "local"
+    chosen = DEFAULT_GATES if raw and gates != "aggregate" else AGGREGATE_GATES
+    model = str(parameters.get("model") or "")
+    if not model and parameters.get("deployment_file"):
+        try:
+            model = load_deployment_spec(str(parameters["deployment_file"])).model or ""
+        except SafeRolloutError:
+            model = ""  # the register step says what is wrong with the file
+    left_out = []
+    if model and not model.startswith("azureml:"):
+        left_out = [{"name": entry["name"], "kind": entry["kind"],
+                     "reason": f"the model {model} is registered without offline metrics, so there is nothing "
+                               "to compare offline (register it with its metrics as properties and pass "
+                               "-p model=azureml:NAME:VERSION to compare)"}
+                    for entry in chosen if entry["kind"] == "ml_quality"]
+    return [entry["name"] for entry in chosen], left_out
+
+
 def build_gates(config: list[dict] | str, *, defaults: dict | None = None) -> list[Gate]:
     """Gates from configuration; `defaults` fills settings a gate has and the entry leaves out."""
     entries = _parse(config)
-    gates, names = [], set()
+    gates: list[Gate] = []
+    names: set[str] = set()
     for i, entry in enumerate(entries):
         gate = _build_one(entry, defaults or {}, f"gate {i + 1}")
         if gate.name in names:
@@ -57,13 +86,13 @@ def build_gates(config: list[dict] | str, *, defaults: dict | None = None) -> li
 def gates_for_backend(gates: list[Gate], backend: Any) -> list[Gate]:
     """The gates, unless one needs what the backend cannot give (raw samples, mirrored pairs)."""
     for gate in gates:
-        if gate.needs_samples and not getattr(backend, "supports_raw_samples", False):
+        if gate.needs_samples and not backend.supports_raw_samples:
             alternative = ("kind: compare with mode: aggregates, or kind: threshold"
                            if gate.kind in ("sequential", "compare") else "an aggregate-based gate")
             raise SpecError(f"gate {gate.name!r} ({gate.kind}) needs raw request samples, which the "
-                            f"{getattr(backend, 'name', '?')} backend does not provide: use {alternative}")
-        if getattr(gate, "source", None) == "mirror" and not getattr(backend, "supports_mirrored_pairs", False):
-            raise SpecError(f"gate {gate.name!r} reads mirrored pairs, which the {getattr(backend, 'name', '?')} "
+                            f"{backend.name} backend does not provide: use {alternative}")
+        if gate.needs_mirrored_pairs and not backend.supports_mirrored_pairs:
+            raise SpecError(f"gate {gate.name!r} reads mirrored pairs, which the {backend.name} "
                             "backend does not provide: use source: header")
     return gates
 

@@ -84,8 +84,16 @@ def rc_share(backend, endpoint: str, rc: str, control: str | None) -> float | No
 def _report(progress, ctx: GateContext, gates: list[Gate], latest: dict[str, Verdict]) -> None:
     if progress is None:
         return
-    n = next((v.evidence.get("n") for v in latest.values() if isinstance(v.evidence.get("n"), dict)), None)
+    # the counts of the freshest look (a gate that passed earlier keeps the counts it passed on)
+    fresh = sorted(latest.values(), key=lambda v: v.window_end, reverse=True)
+    n = next((v.evidence.get("n") for v in fresh if isinstance(v.evidence.get("n"), dict)), None)
     names = {"rc": ctx.rc, "prod": ctx.prod}  # evidence says rc/prod; the line names the deployments throughout
-    counts = ", ".join(f"{names.get(k) or k} {v}" for k, v in n.items()) if n else "n unknown"
-    states = "; ".join(f"{g.name}: {latest[g.name].decision}" for g in gates if g.name in latest)
-    progress(f"{ctx.elapsed_s:.0f}s elapsed, n per deployment: {counts} | {states}")
+    if n:
+        counts = ", n per deployment: " + ", ".join(f"{names.get(k) or k} {v}" for k, v in n.items())
+        states = "; ".join(f"{g.name}: {latest[g.name].decision}" for g in gates if g.name in latest)
+    else:  # gates that judge aggregates (bake, threshold) count intervals, not requests: say what they wait for
+        counts = ""
+        states = "; ".join(f"{g.name}: {latest[g.name].decision}"
+                           + (f" ({latest[g.name].reason})" if latest[g.name].decision == "inconclusive" else "")
+                           for g in gates if g.name in latest)
+    progress(f"{ctx.elapsed_s:.0f}s elapsed{counts} | {states}")

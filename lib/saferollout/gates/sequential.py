@@ -256,7 +256,14 @@ def latency_decision(rc_ts, rc_ms, prod_ts, prod_ms, *, rho: float | None = None
                         f"slower than {tolerated} (at {watched})"), evidence
     allowed, share = s["allowed_ms"], s["rc_above_allowed"] / max(s["rc_n"], 1)
     if s["pass"]:
-        return "pass", (f"latency {observed}; {share:.1%} of RC requests above {allowed:.1f} ms ({margin_ratio:g}x "
+        # the pass test read every request of the window, the warm-up included: say so, with those counts (a pass
+        # just after the warm-up would otherwise show a p90 of one request each)
+        rc_all, prod_all = np.asarray(rc_ms, float), np.asarray(prod_ms, float)
+        evidence["n_after_warmup"] = evidence["n"]
+        evidence["n"] = {"rc": int(rc_all.size), "prod": int(prod_all.size)}
+        seen = (f"{label} RC {float(np.quantile(rc_all, quantile)):.1f} ms ({rc_all.size}) vs PROD "
+                f"{float(np.quantile(prod_all, quantile)):.1f} ms ({prod_all.size}), the warm-up included")
+        return "pass", (f"latency {seen}; {share:.1%} of RC requests above {allowed:.1f} ms ({margin_ratio:g}x "
                         f"PROD's {label} lower bound): its {label} is within {margin_ratio:g}x PROD with confidence "
                         f"{1 - beta:.0%}"), evidence
     if final and s["calibrated"]:
@@ -291,15 +298,20 @@ class SequentialGate(GateBase):
     CHOICES = {"metric": ("errors", "latency"), "undecided": ("pass", "fail")}
 
     def __post_init__(self) -> None:
-        errors = self.metric == "errors"
-        if self.margin is None:
-            self.margin = DEFAULT_ERROR_MARGIN_POINTS if errors else DEFAULT_LATENCY_MARGIN_RATIO
-        if self.tolerance is None:
-            self.tolerance = DEFAULT_ERROR_TOLERANCE_POINTS if errors else DEFAULT_LATENCY_TOLERANCE_RATIO
+        self.tolerance, self.margin = self.limits()
         self.name = self.name or f"{self.metric}-sequential"
+
+    def limits(self) -> tuple[float, float]:
+        """(tolerance, margin): as given, else this metric's defaults."""
+        errors = self.metric == "errors"
+        tolerance = DEFAULT_ERROR_TOLERANCE_POINTS if errors else DEFAULT_LATENCY_TOLERANCE_RATIO
+        margin = DEFAULT_ERROR_MARGIN_POINTS if errors else DEFAULT_LATENCY_MARGIN_RATIO
+        return (tolerance if self.tolerance is None else self.tolerance,
+                margin if self.margin is None else self.margin)
 
     def validate(self) -> list[str]:
         problems = []
+        tolerance, margin = self.limits()
         if not 0 < self.alpha < 1 or not 0 < self.beta < 1:
             problems.append("alpha and beta must be between 0 and 1")
         if self.calibration_samples < 10:
@@ -309,20 +321,21 @@ class SequentialGate(GateBase):
         if self.warmup_s < 0 or self.tolerance_ms < 0:
             problems.append("warmup_s and tolerance_ms must be at least 0")
         if self.metric == "latency":
-            if self.tolerance < 1:
+            if tolerance < 1:
                 problems.append("tolerance for latency is a ratio of quantiles, at least 1 (e.g. 1.2)")
-            if self.margin < 1:
+            if margin < 1:
                 problems.append("margin for latency is a ratio of quantiles, at least 1 (e.g. 1.5)")
         else:
-            if not 0 <= self.tolerance < 100 or self.tolerance_ratio < 1:
+            if not 0 <= tolerance < 100 or self.tolerance_ratio < 1:
                 problems.append("tolerance for errors is in percentage points (0 to 100) and tolerance_ratio "
                                 "at least 1")
-            if not 0 <= self.margin < 100:
+            if not 0 <= margin < 100:
                 problems.append("margin for errors is in percentage points, between 0 and 100")
         return problems
 
     def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
         prod = require_prod(ctx)
+        tolerance, margin = self.limits()
         final = self.undecided == "pass" and ctx.elapsed_s >= self.max_duration_s
         warm = ctx.start + self.warmup_s
         if self.metric == "latency" and ctx.now < warm:
@@ -333,8 +346,8 @@ class SequentialGate(GateBase):
         if self.metric == "errors":
             return error_decision(len(rc_samples), sum(is_error(s.status_code) for s in rc_samples),
                                   len(prod_samples), sum(is_error(s.status_code) for s in prod_samples),
-                                  rho=ctx.rc_share, tolerance_points=self.tolerance,
-                                  tolerance_ratio=self.tolerance_ratio, margin_points=self.margin,
+                                  rho=ctx.rc_share, tolerance_points=tolerance,
+                                  tolerance_ratio=self.tolerance_ratio, margin_points=margin,
                                   alpha=self.alpha, beta=self.beta, final=final)
         # latency of answered requests: a failed request's latency says nothing about speed
         rc_ok = [s for s in rc_samples if not is_error(s.status_code)]
@@ -343,6 +356,6 @@ class SequentialGate(GateBase):
         return latency_decision([s.timestamp for s in rc_ok], [s.latency_ms for s in rc_ok],
                                 [s.timestamp for s in prod_ok], [s.latency_ms for s in prod_ok],
                                 rho=ctx.rc_share, quantile=self.quantile, fail_quantiles=tuple(self.fail_quantiles),
-                                tolerance_ratio=self.tolerance, tolerance_ms=self.tolerance_ms,
-                                margin_ratio=self.margin, alpha=self.alpha, beta=self.beta,
+                                tolerance_ratio=tolerance, tolerance_ms=self.tolerance_ms,
+                                margin_ratio=margin, alpha=self.alpha, beta=self.beta,
                                 calibration=self.calibration_samples, warm_after=warm, final=final)

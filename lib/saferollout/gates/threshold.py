@@ -12,7 +12,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
-from saferollout.backends.local.metrics import grain_seconds
+from saferollout.backends.query import grain_seconds
+from saferollout.errors import SpecError
 from saferollout.gates.base import GateBase, GateContext, Inconclusive, to_datetime
 
 CONDITIONS = {"lt": operator.lt, "lte": operator.le, "gt": operator.gt, "gte": operator.ge, "eq": operator.eq}
@@ -80,11 +81,15 @@ class ThresholdGate(GateBase):
         return problems
 
     def look(self, ctx: GateContext) -> tuple[str, str, dict[str, Any]]:
+        if self.metric is None or self.threshold is None:  # validate() names them; never a look without them
+            raise SpecError(f"gate {self.name!r} needs a metric and a threshold (or preset: errors|latency)")
+        metric, threshold = self.metric, self.threshold
+        aggregation, condition = self.aggregation or "Average", self.condition or "lte"
         query_filter = (self.filter or "").format(rc=ctx.rc, prod=ctx.prod or "")
         grain_s = grain_seconds(self.grain)
-        query = {"metric": self.metric, "aggregation": self.aggregation, "grain": self.grain,
+        query = {"metric": metric, "aggregation": aggregation, "grain": self.grain,
                  "filter": query_filter}
-        series = ctx.backend.query_metrics(ctx.endpoint, self.metric, aggregation=self.aggregation,
+        series = ctx.backend.query_metrics(ctx.endpoint, metric, aggregation=aggregation,
                                            grain=self.grain, start=to_datetime(ctx.start),
                                            end=to_datetime(ctx.now), filter=query_filter or None)
         if not series:
@@ -92,9 +97,9 @@ class ThresholdGate(GateBase):
                                "matched nothing", {"query": query})
         # an interval counts once the backend has all of it: Azure Monitor's newest minutes are partial
         values = complete_intervals(series[0].points, ctx.start, ctx.now - ctx.backend.metrics_delay_s, grain_s)
-        decision, reason, evidence = judge_intervals(values, condition=self.condition,
-                                                     threshold=self.threshold, intervals=self.intervals)
-        return decision, f"{self.metric} ({self.aggregation}): {reason}", dict(evidence, query=query)
+        decision, reason, evidence = judge_intervals(values, condition=condition,
+                                                     threshold=threshold, intervals=self.intervals)
+        return decision, f"{metric} ({aggregation}): {reason}", dict(evidence, query=query)
 
 
 def complete_intervals(points, start: float, now: float, grain_s: int) -> list[float | None]:

@@ -11,6 +11,7 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 
 from fakes.azure_wire import arm_error
+from mlflow_models import diabetes_requests, save_diabetes_model
 from saferollout.backends.base import Backend
 from saferollout.data import to_request
 from saferollout.errors import BackendError, Conflict, DeploymentFailed, NotFound, SpecError
@@ -212,7 +213,7 @@ def test_a_deployment_that_fails_unwatched_says_why(azure, served, example_dir):
     spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
     spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
     azure.create_deployment(spec, wait=False)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a bound, not a timing: the fake's container fails within seconds
     while (deployment := azure.get_deployment(served, "green")).provisioning_state != "Failed":
         assert time.monotonic() < deadline, deployment.provisioning_state
         time.sleep(0.05)
@@ -230,3 +231,47 @@ def test_a_failed_deployment_this_backend_did_not_start_says_where_to_look(azure
     assert other.get_deployment(served, "green").reason == (
         "Azure reports its provisioning Failed; its logs say why: saferollout online-deployment get-logs "
         "-n green -e ep-served --backend azure")
+
+
+# ---- no-code MLflow deployments: what the SDK sends, and what the (fake) service accepts ----------------
+
+def mlflow_deployment_yaml(folder: Path, name: str = "mlflow") -> Path:
+    """An Azure no-code deployment YAML beside an MLflow model folder: no code_configuration, no environment."""
+    save_diabetes_model(folder / "model")
+    path = folder / "deployment.yml"
+    path.write_text(f"name: {name}\nendpoint_name: any\nmodel:\n  path: ./model\n  type: mlflow_model\n"
+                    "instance_type: Standard_DS3_v2\ninstance_count: 1\n")
+    return path
+
+
+def test_an_mlflow_folder_deploys_without_code_as_an_mlflow_model(azure, fake, served, tmp_path):
+    spec = load_deployment_spec(mlflow_deployment_yaml(tmp_path), endpoint_name=served)
+    deployment = azure.create_deployment(spec)
+    assert deployment.provisioning_state == "Succeeded" and deployment.code_configuration is None
+    puts = [r for r in fake.transport.requests if r.method == "PUT"]
+    model_put = [r for r in puts if "/models/" in r.path][-1]  # after the served credit model's
+    assert model_put.json()["properties"]["modelType"] == "mlflow_model"  # the anonymous model the path becomes
+    sent = next(r for r in puts if r.path.endswith("/deployments/mlflow")).json()["properties"]
+    assert "codeConfiguration" not in sent and "environmentId" not in sent
+    assert sent["model"].endswith(model_put.path.split("/models/", 1)[1])
+    answer = azure.invoke(served, diabetes_requests(rows_per_request=2)[0], deployment="mlflow")
+    assert answer.status == 200 and len(json.loads(answer.body)) == 2  # the predictions, as Azure answers
+    assert azure.invoke(served, {"data": [[0.0] * 10]}, deployment="mlflow").status == 424  # no input_data
+
+
+def test_a_registered_mlflow_model_deploys_without_code_and_a_custom_one_does_not(azure, fake, served, tmp_path):
+    save_diabetes_model(tmp_path / "model")
+    mlflow = azure.register_model("diabetes", str(tmp_path / "model"), type="mlflow_model")
+    assert mlflow.type == "mlflow_model"
+    spec = load_deployment_spec(mlflow_deployment_yaml(tmp_path / "v2"), endpoint_name=served, model=mlflow.ref)
+    assert azure.create_deployment(spec).model == mlflow.ref
+    custom = azure.register_model("plain", str(tmp_path / "model"))  # custom_model, as az ml model create's default
+    with pytest.raises(SpecError, match=f"its model {custom.ref} is a custom_model, not an mlflow_model"):
+        azure.create_deployment(spec.with_changes(name="plain", model=custom.ref))
+    # a client that skipped that check is refused by the (fake) service, as Azure refuses it
+    from azure.ai.ml.entities import ManagedOnlineDeployment
+
+    with pytest.raises(HttpResponseError, match="without an MLflow model needs codeConfiguration"):
+        fake.ml_client.online_deployments.begin_create_or_update(ManagedOnlineDeployment(
+            name="plain", endpoint_name=served, model=f"azureml:plain:{custom.version}",
+            instance_type="Standard_DS3_v2", instance_count=1)).result()

@@ -5,7 +5,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from azure.monitor.query import Metric, MetricsQueryResult, MetricValue, TimeSeriesElement
 
-from saferollout.backends.azure.metrics import (NAMESPACE, azure_grain, build_filter, query_series, scope_filter,
+from saferollout.backends.azure.metrics import (NAMESPACE, azure_grain, build_filter, query_deployment_series,
+                                                query_series, scope_filter,
                                                 to_series)
 from saferollout.errors import SpecError
 
@@ -171,3 +172,35 @@ def test_a_deployment_metric_without_a_deployment_says_how_to_name_one(azure, se
         azure.query_metrics(served, "CpuMemoryUtilizationPercentage", aggregation="Maximum")
     with pytest.raises(SpecError, match="reported as Average, Minimum, Maximum"):
         azure.query_metrics(served, "CpuUtilizationPercentage", aggregation="Total", filter="deployment eq 'blue'")
+
+
+class ResourceMonitor:
+    """Answers every query with no series and keeps (resource, filter) of each."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    def query_resource(self, resource_id, metrics, **kwargs):
+        self.calls.append((resource_id.rsplit("/", 1)[1], kwargs["filter"]))
+        return result(metrics[0])
+
+
+@pytest.mark.parametrize("filter_text, calls", [
+    ("deployment eq 'blue' and instanceId eq 'i-0'", [("blue", "instanceId eq 'i-0'")]),
+    ("(deployment eq 'blue' and instanceId eq 'i-0') or (deployment eq 'green' and instanceId eq 'i-1')",
+     [("blue", "instanceId eq 'i-0'"), ("green", "instanceId eq 'i-1'")]),
+    ("deployment eq 'blue' or deployment eq 'green'", [("blue", None), ("green", None)]),
+])
+def test_each_deployment_is_queried_with_the_part_of_the_filter_that_is_its_own(filter_text, calls):
+    monitor = ResourceMonitor()
+    _, filters = query_deployment_series(monitor, "ep", ["blue", "green"], "CpuUtilizationPercentage",
+                                         aggregation="Average", grain="PT1M", start=T0, end=T0 + timedelta(minutes=5),
+                                         filter_text=filter_text, split_by=["deployment"])
+    assert monitor.calls == calls and filters == [f or "" for _, f in calls]
+
+
+def test_a_deployment_or_another_dimension_is_refused_for_a_deployment_metric():
+    with pytest.raises(SpecError, match="joins `deployment eq` comparisons to the others with `and` only"):
+        query_deployment_series(ResourceMonitor(), "ep", ["blue"], "CpuUtilizationPercentage", aggregation="Average",
+                                grain="PT1M", start=T0, end=T0 + timedelta(minutes=5),
+                                filter_text="deployment eq 'blue' or instanceId eq 'i-0'", split_by=[])

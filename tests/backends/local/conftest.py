@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import stop_platform
+from saferollout.backends.local.client import stop_platform
 
 
 @pytest.fixture(scope="module")

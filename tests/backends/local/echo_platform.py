@@ -21,17 +21,21 @@ ECHO_DIR = Path(__file__).resolve().parents[3] / "bench" / "echo"
 # Probes tuned for tests: readiness is polled at once, liveness notices a dead process within a second.
 FAST_READINESS = ProbeSettings(initial_delay=0, period=1, timeout=2, failure_threshold=30)
 FAST_LIVENESS = ProbeSettings(initial_delay=0, period=1, timeout=2, failure_threshold=2)
+# Liveness for modules that never kill an instance: a probe queued behind requests on a loaded CI machine must
+# not restart it (an exit is still noticed at once; the supervisor waits on the process).
+PATIENT_LIVENESS = ProbeSettings(initial_delay=0, period=1, timeout=10, failure_threshold=10)
 
 
 def echo_spec(endpoint: str, name: str, *, instance_count: int = 1, max_concurrent: int = 8,
-              timeout_ms: int = 5000, env: dict[str, str] | None = None, code: Path = ECHO_DIR) -> DeploymentSpec:
+              timeout_ms: int = 5000, env: dict[str, str] | None = None, code: Path = ECHO_DIR,
+              liveness: ProbeSettings = FAST_LIVENESS) -> DeploymentSpec:
     """A deployment of the echo scoring script that answers with its own name (ECHO_NAME) and pid."""
     return DeploymentSpec(
         name=name, endpoint_name=endpoint, code_path=str(code), scoring_script="score.py",
         instance_count=instance_count,
         request_settings=RequestSettings(request_timeout_ms=timeout_ms,
                                          max_concurrent_requests_per_instance=max_concurrent),
-        readiness_probe=FAST_READINESS, liveness_probe=FAST_LIVENESS,
+        readiness_probe=FAST_READINESS, liveness_probe=liveness,
         environment_variables={"ECHO_NAME": name, **(env or {})})
 
 

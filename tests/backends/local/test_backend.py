@@ -134,7 +134,7 @@ def test_tags_update_keeps_traffic(local_backend, live):
 def test_processes_creating_a_workspace_at_once_agree_on_one_private_admin_token(tmp_path):
     from concurrent.futures import ProcessPoolExecutor
 
-    from saferollout.backends.local.daemon import admin_token
+    from saferollout.backends.local.workspace import admin_token
 
     with ProcessPoolExecutor(4) as pool:
         tokens = set(pool.map(admin_token, [tmp_path] * 16))

@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import admin_token, stop_platform
+from saferollout.backends.local.client import stop_platform
+from saferollout.backends.local.workspace import admin_token
 
 from echo_platform import ECHO_DIR, echo_spec, new_endpoint
 
@@ -67,6 +68,9 @@ def test_json_nested_too_deeply_is_400_on_the_gateway_and_the_control_api(local_
     ("tags", "invalid request: the body must be a JSON object, got str"),
     ({"tags": "x"}, 'invalid tags: expected a mapping of names to text values, got "x"'),
     ({"tags": {"a": {"b": 1}}}, 'invalid tags: expected a mapping of names to text values, got {"a": {"b": 1}}'),
+    ({"set_tags": "x"}, 'invalid set_tags: expected a mapping of names to text values, got "x"'),
+    ({"remove_tags": "owner"}, "remove_tags must be a list of tag names, not 'owner'"),
+    ({"tags": {}, "set_tags": {"a": "1"}}, "give tags (the whole map) or set_tags / remove_tags (changes), not both"),
 ])
 def test_a_patch_body_of_the_wrong_shape_is_400_naming_it(local_backend, endpoint, body, message):
     resp = control(local_backend, "PATCH", f"/endpoints/{endpoint}", json=body)

@@ -188,7 +188,7 @@ def test_copying_a_large_model_does_not_stall_the_platform(local_backend, tmp_pa
 
     import requests
 
-    from saferollout.backends.local.daemon import admin_token
+    from saferollout.backends.local.workspace import admin_token
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 
 from saferollout.backends.local.gateway import DeploymentPool, EndpointRoute
 
-from echo_platform import auth, deploy_all, echo_spec, fire, new_endpoint
+from echo_platform import PATIENT_LIVENESS, auth, deploy_all, echo_spec, fire, new_endpoint
 
 SPLIT = {"blue": 90, "green": 10}
 
@@ -26,13 +26,15 @@ def gw(local_backend):
     """An endpoint at blue=90 green=10, plus deployments without live traffic for the edge cases."""
     endpoint = new_endpoint(local_backend)
     states = deploy_all(local_backend, [
-        echo_spec(endpoint, "blue"),
-        echo_spec(endpoint, "green"),
-        echo_spec(endpoint, "shadow"),
+        echo_spec(endpoint, "blue", liveness=PATIENT_LIVENESS),
+        echo_spec(endpoint, "green", liveness=PATIENT_LIVENESS),
+        # the mirror's target: an admission limit (2*128) above any burst of copies these tests make
+        echo_spec(endpoint, "shadow", max_concurrent=128, liveness=PATIENT_LIVENESS),
         # two instances, one request each at a time, each request held 2 s: admission limit 2*1*2 = 4
-        echo_spec(endpoint, "slow", instance_count=2, max_concurrent=1, env={"ECHO_DELAY_MS": "2000"}),
-        echo_spec(endpoint, "late", timeout_ms=300, env={"ECHO_DELAY_MS": "1500"}),
-        echo_spec(endpoint, "broken", env={"ECHO_FAIL": "1"}),
+        echo_spec(endpoint, "slow", instance_count=2, max_concurrent=1, env={"ECHO_DELAY_MS": "2000"},
+                  liveness=PATIENT_LIVENESS),
+        echo_spec(endpoint, "late", timeout_ms=300, env={"ECHO_DELAY_MS": "1500"}, liveness=PATIENT_LIVENESS),
+        echo_spec(endpoint, "broken", env={"ECHO_FAIL": "1"}, liveness=PATIENT_LIVENESS),
     ])
     assert {n: d.provisioning_state for n, d in states.items()} == dict.fromkeys(states, "Succeeded")
     local_backend.update_endpoint(endpoint, traffic=SPLIT)
@@ -143,7 +145,7 @@ def test_mirror_copies_only_unpinned_requests_and_never_answers_the_client(local
     local_backend.update_endpoint(gw, mirror_traffic={"shadow": 50})
     try:
         started = time.time()
-        unpinned = fire(uri, [{"i": i} for i in range(200)], headers=auth(local_backend, gw))
+        unpinned = fire(uri, [{"i": i} for i in range(200)], headers=auth(local_backend, gw), concurrency=2)
         pinned = fire(uri, [{"p": i} for i in range(30)], headers=auth(local_backend, gw, **{
             "azureml-model-deployment": "blue"}))
         time.sleep(0.5)  # mirrored copies finish in the background
@@ -153,7 +155,9 @@ def test_mirror_copies_only_unpinned_requests_and_never_answers_the_client(local
     assert all(a.status == 200 and a.deployment in SPLIT and a.body["name"] in SPLIT for a in unpinned + pinned)
     mirrored = [s for s in local_backend.request_samples(gw, deployment="shadow", start=started, end=end,
                                                          include_mirrored=True)]
-    assert mirrored and all(s.mirrored and s.status_code == 200 for s in mirrored)
+    shadow = local_backend.get_deployment(gw, "shadow").instances
+    assert mirrored and all(s.mirrored and s.status_code == 200 for s in mirrored), (
+        Counter((s.status_code, s.model_status_code) for s in mirrored), shadow)
     assert 60 <= len(mirrored) <= 140, f"{len(mirrored)} of 200 mirrored at 50%"
     assert not local_backend.request_samples(gw, deployment="shadow", start=started, end=end)  # not live
     pairs = local_backend.mirrored_pairs(gw, start=started, end=end)
@@ -166,6 +170,26 @@ def test_mirror_copies_only_unpinned_requests_and_never_answers_the_client(local
         assert pair.live_deployment == client.deployment and pair.mirror_deployment == "shadow"
         assert b'"name": "shadow"' in pair.mirror_body.replace(b'":"', b'": "')
         assert pair.request_body.replace(b" ", b"") == f'{{"i":{client.body["echo"]["i"]}}}'.encode()
+
+
+def test_a_mirror_copy_beyond_the_mirror_deployments_limit_is_refused_429_and_the_client_never_sees_it(
+        local_backend, gw, uri):
+    # slow: limit 4 in flight, each copy held 2 s; forty requests, twelve at a time (within blue's limit of 16),
+    # about twenty copies (mirror at most 50%, as on Azure): four taken, the rest refused
+    local_backend.update_endpoint(gw, mirror_traffic={"slow": 50})
+    try:
+        started = time.time()
+        answers = fire(uri, [{"m": i} for i in range(40)], headers=auth(local_backend, gw), concurrency=12)
+    finally:
+        local_backend.update_endpoint(gw, mirror_traffic={})
+    assert all(a.status == 200 and a.deployment in SPLIT for a in answers)
+    ours = {a.request_id for a in answers}
+    deadline, copies = time.monotonic() + 30, Counter()
+    while time.monotonic() < deadline and copies[(200, 200, True)] < 4:
+        time.sleep(0.2)  # the four taken copies finish 2 s after they started
+        copies = Counter((s.status_code, s.model_status_code, s.mirrored) for s in local_backend.request_samples(
+            gw, deployment="slow", start=started, end=time.time(), include_mirrored=True) if s.request_id in ours)
+    assert set(copies) == {(200, 200, True), (429, None, True)} and copies[(200, 200, True)] == 4, copies
 
 
 def test_request_over_request_timeout_ms_is_408(local_backend, gw, uri):

@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from saferollout.backends.local.instances import Instance, InstanceConfig, free_port, group_members, tail
+from saferollout.backends.local.instances import (Instance, InstanceConfig, free_port, group_members, rotate_log,
+                                                  tail)
 from saferollout.processes import pid_alive
 from saferollout.specs import ProbeSettings
 
@@ -70,16 +70,20 @@ def test_nothing_listening_is_an_os_error():
 
 # ---- a real instance: what it listens on, and what a kill -9 leaves behind ---------------------------
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, as /proc/net shows them) of every listening TCP socket on `port`."""
-    found = set()
+def listening_sockets(port: int) -> list[tuple[str, str]]:
+    """(local address in hex as /proc/net shows it, socket inode) of every listening TCP socket on `port`."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, _, hex_port = local.rpartition(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                found.add(address)
+            fields = line.split()
+            address, _, hex_port = fields[1].rpartition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:
+                found.append((address, fields[9]))
     return found
+
+
+def listening_addresses(port: int) -> set[str]:
+    return {address for address, _ in listening_sockets(port)}
 
 
 def children(pid: int) -> list[int]:
@@ -89,12 +93,19 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return True
-    return False
+def listeners(port: int) -> dict[int, str]:
+    """{pid: command line} of every process holding a listening TCP socket on `port` (from /proc, Linux)."""
+    inodes = {f"socket:[{inode}]" for _, inode in listening_sockets(port)}
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def echo_instance(tmp_path: Path) -> Instance:
@@ -137,8 +148,79 @@ def test_a_killed_instance_leaves_no_worker_serving_its_old_port(tmp_path):
             os.kill(master, signal.SIGKILL)
             assert await until(lambda: not any(pid_alive(w) for w in workers), 5), \
                 f"workers {workers} outlived their master"
-            assert refuses(old_port)
+            assert not group_members(master), "a process of the killed instance's group is still running"
+            # The supervisor restarts the instance at once, on a new port; on a busy machine another test's
+            # server may since have been given the old one. What must not hold it is the killed instance.
+            # A process started as the killed instance (workers share the master's command line) must not.
+            current = set(group_members(inst.process.pid)) if inst.process.pid != master else set()
+            stale = {pid: cmd for pid, cmd in listeners(old_port).items()
+                     if pid not in current and f"--port {old_port} " in cmd + " "}
+            assert not stale, f"the killed instance still listens on {old_port}: {stale}"
         finally:
             await inst.stop(drain_s=0)
         assert not group_members(inst.process.pid)
     asyncio.run(scenario())
+
+
+# ---- instance logs: size-bounded, a few old files kept, recent lines still shown ----------------------
+
+def test_rotate_log_keeps_a_few_old_files_and_empties_the_current_one(tmp_path):
+    log = tmp_path / "instance-0.log"
+    for generation in range(5):
+        log.write_text(f"generation {generation}\n" * 100)
+        assert rotate_log(log, max_bytes=1024, backups=2)
+    assert log.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instance-0.log", "instance-0.log.1", "instance-0.log.2"]
+    assert (tmp_path / "instance-0.log.1").read_text().startswith("generation 4")
+    assert (tmp_path / "instance-0.log.2").read_text().startswith("generation 3")
+
+
+def test_a_log_under_its_limit_is_left_alone(tmp_path):
+    log = tmp_path / "instance-0.log"
+    log.write_text("small\n")
+    assert not rotate_log(log, max_bytes=1024, backups=2)
+    assert log.read_text() == "small\n" and not (tmp_path / "instance-0.log.1").exists()
+
+
+def test_tail_reads_on_into_the_rotated_files(tmp_path):
+    log = tmp_path / "instance-0.log"
+    (tmp_path / "instance-0.log.2").write_text("".join(f"old {i}\n" for i in range(3)))
+    (tmp_path / "instance-0.log.1").write_text("".join(f"older {i}\n" for i in range(3)))
+    log.write_text("new 0\nnew 1\n")
+    assert tail(log, 4) == "older 1\nolder 2\nnew 0\nnew 1\n"
+    assert tail(log) == "old 0\nold 1\nold 2\nolder 0\nolder 1\nolder 2\nnew 0\nnew 1\n"
+
+
+def test_a_chatty_instance_log_stays_bounded(tmp_path, monkeypatch):
+    """ECHO_FAIL: every request writes a traceback; the log rotates while the instance runs."""
+    monkeypatch.setattr("saferollout.backends.local.instances.LOG_CHECK_S", 0.2)
+    log = tmp_path / "instance.log"
+    config = InstanceConfig(endpoint="ep", deployment="blue", index=0, code_dir=str(ECHO_DIR),
+                            scoring_script="score.py", model_dir=None, environment_variables={"ECHO_FAIL": "1"},
+                            readiness=FAST_READINESS, liveness=FAST_LIVENESS, log_path=log,
+                            log_max_bytes=4096, log_backups=2)
+
+    async def scenario() -> None:
+        inst = Instance(config, on_change=lambda: None)
+        try:
+            assert await inst.start(), inst.reason + tail(log)
+            # until two old files exist (how many requests that takes depends on the machine's speed), then five
+            # more rounds: a third old file must never appear
+            deadline, rounds_after = time.monotonic() + 60, None
+            while rounds_after != 0 and time.monotonic() < deadline:
+                for _ in range(20):
+                    status, _ = await inst.score(b'{"x": 1}', "application/json")
+                    assert status == 500
+                await asyncio.sleep(0.3)  # at least one rotation check
+                if rounds_after is None and (tmp_path / "instance.log.2").exists():
+                    rounds_after = 5
+                elif rounds_after:
+                    rounds_after -= 1
+            assert rounds_after == 0, f"the log was not rotated twice within 60 s: {sorted(os.listdir(tmp_path))}"
+            assert await until(lambda: log.stat().st_size < 4096, 5), "the log was not rotated"
+        finally:
+            await inst.stop(drain_s=0)
+    asyncio.run(scenario())
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["instance.log", "instance.log.1", "instance.log.2"]
+    assert "echo run failed on purpose" in tail(log, 50)

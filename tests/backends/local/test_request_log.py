@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import platform_status, start_platform, stop_platform
+from saferollout.backends.local.client import platform_status, start_platform, stop_platform
 from saferollout.backends.local.metrics import RequestLog
 from saferollout.errors import BackendError
 from saferollout.specs import EndpointSpec
@@ -23,7 +23,7 @@ from echo_platform import wait_for
 
 def requests_rows(n: int, prefix: str) -> list[tuple]:
     now = time.time()
-    return [(now, "ep", "blue", 200, 1.0, 0, f"{prefix}{i}", 200, 0) for i in range(n)]
+    return [(now, "ep", "blue", 200, 1.0, 0, f"{prefix}{i}", 200, 0, 0) for i in range(n)]
 
 
 def record(log: RequestLog, rows: list[tuple]) -> None:
@@ -136,7 +136,7 @@ def test_a_platform_that_cannot_start_fails_the_waiting_client_at_once_with_its_
     assert time.monotonic() - started < 15
 
 
-def test_a_log_written_before_pinned_requests_gets_the_column_and_keeps_its_rows(tmp_path):
+def test_a_log_written_before_pinned_and_held_requests_gets_the_columns_and_keeps_its_rows(tmp_path):
     import sqlite3
 
     path = tmp_path / "metrics.db"
@@ -149,8 +149,8 @@ def test_a_log_written_before_pinned_requests_gets_the_column_and_keeps_its_rows
     old.close()
     log = RequestLog(path)
     try:
-        record(log, [(time.time(), "ep", "blue", 200, 1.0, 0, "new", 200, 1)])
+        record(log, [(time.time(), "ep", "blue", 200, 1.0, 0, "new", 200, 1, 1)])
         rows = {row[6]: row for row in log.rows("ep", 0, time.time() + 60)}
-        assert rows["old"][8] == 0 and rows["new"][8] == 1  # older rows count as routed, new ones say pinned
+        assert rows["old"][8:] == (0, 0) and rows["new"][8:] == (1, 1)  # older rows: routed, not held
     finally:
         log.close()

@@ -12,7 +12,8 @@ import pytest
 from scipy.stats import chisquare
 
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import ROUTING_SEED_ENV, routing_rng, stop_platform
+from saferollout.backends.local.client import stop_platform
+from saferollout.backends.local.platform import ROUTING_SEED_ENV, routing_rng
 from saferollout.errors import SpecError
 
 from echo_platform import auth, deploy_all, echo_spec, fire, new_endpoint

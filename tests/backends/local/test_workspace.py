@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from saferollout.backends.local.backend import LocalBackend
-from saferollout.backends.local.daemon import start_platform, stop_platform
+from saferollout.backends.local.client import start_platform, stop_platform
 from saferollout.backends.local.gateway import _b64, check_token, issue_token
 from saferollout.backends.local.workspace import SECRET_FILES
 from saferollout.errors import BackendError

@@ -26,11 +26,13 @@ from saferollout.backends.azure.entities import (credentials_from_sdk, deploymen
 from saferollout.backends.azure.errors import error_detail, sdk_errors
 from saferollout.backends.azure.settings import AzureClients, AzureSettings, build_clients, build_metrics_client
 from saferollout.backends.base import (DEPLOYMENT_METRIC_DIMENSIONS, Credentials, Deployment, Endpoint,
-                                       InvokeResult, MetricSeries, Model, Progress, RequestSample)
+                                       InvokeResult, MetricSeries, MirroredPair, Model, Progress,
+                                       RequestSample)
 from saferollout.errors import (BackendError, Conflict, DeploymentFailed, NotFound, SafeRolloutError,
                                SpecError)
-from saferollout.specs import (DeploymentSpec, EndpointSpec, parse_model_ref, parse_traffic, validate_mirror,
-                               validate_model_name, validate_name, validate_traffic)
+from saferollout.specs import (DeploymentSpec, EndpointSpec, check_model_type, check_no_code_model, check_scoring,
+                               model_type_of, parse_model_ref, parse_traffic, validate_mirror, validate_model_name,
+                               validate_name, validate_traffic)
 
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 DEFAULT_WINDOW = timedelta(hours=1)
@@ -48,6 +50,7 @@ class AzureBackend:
     supports_raw_samples = False
     metrics_delay_s = 180.0  # Azure Monitor's ingestion delay, about 1-3 minutes (docs/azure.md)
     supports_mirrored_pairs = False
+    finest_grain = "PT1M"  # Azure Monitor's finest grain for online endpoints
 
     def __init__(self, *, subscription_id: str | None = None, resource_group: str | None = None,
                  workspace_name: str | None = None, config_path: str | None = None,
@@ -98,12 +101,13 @@ class AzureBackend:
 
     # ---- models -----------------------------------------------------------------------------
     def register_model(self, name: str, path: str, *, description: str = "", tags: dict[str, str] | None = None,
-                       properties: dict[str, str] | None = None) -> Model:
+                       properties: dict[str, str] | None = None, type: str = "custom_model") -> Model:
         validate_model_name(name)
         source = Path(path).expanduser()
         if not source.exists():
             raise SpecError(f"model path does not exist: {path}")
-        entity = model_entity(name, str(source.resolve()), description, tags or {}, properties or {})
+        entity = model_entity(name, str(source.resolve()), description, tags or {}, properties or {},
+                              check_model_type(source, type))
         with sdk_errors(f"model {name!r}"):
             return model_from_sdk(self.ml_client.models.create_or_update(entity))
 
@@ -132,15 +136,18 @@ class AzureBackend:
         return sorted(found, key=lambda m: (m.name, m.version))
 
     def _resolve_model(self, spec: DeploymentSpec) -> Any:
-        """`azureml:name@latest` becomes a concrete version, so the deployment records what it serves."""
+        """`azureml:name@latest` becomes a concrete version, so the deployment records what it serves; a local
+        path becomes an anonymous model, of type mlflow_model when it holds an MLmodel file (as no-code needs)."""
         if not spec.model:
             return None
         if spec.model.startswith("azureml:"):
             name, version = parse_model_ref(spec.model)
-            return self.get_model(name, version).ref
+            model = self.get_model(name, version)
+            check_no_code_model(spec, model.ref, model.type, f"deployment {spec.name!r}")
+            return model.ref
         from azure.ai.ml.entities import Model as SdkModel
 
-        return SdkModel(path=spec.model, type="custom_model")
+        return SdkModel(path=spec.model, type=model_type_of(spec.model))
 
     # ---- endpoints --------------------------------------------------------------------------
     def _endpoint_entity(self, name: str) -> Any:
@@ -179,7 +186,11 @@ class AzureBackend:
 
     def update_endpoint(self, name: str, *, traffic: dict[str, int] | None = None,
                         mirror_traffic: dict[str, int] | None = None, tags: dict[str, str] | None = None,
-                        description: str | None = None, progress: Progress | None = None) -> Endpoint:
+                        description: str | None = None, set_tags: dict[str, str] | None = None,
+                        remove_tags: Iterable[str] = (), progress: Progress | None = None) -> Endpoint:
+        remove = list(remove_tags)
+        if tags is not None and (set_tags is not None or remove):
+            raise SpecError("give tags (the whole map) or set_tags / remove_tags (changes), not both")
         entity = self._endpoint_entity(name)
         current = endpoint_from_sdk(entity)
         deployments = {d.name: d for d in self.list_deployments(name)}
@@ -203,6 +214,10 @@ class AzureBackend:
         entity.mirror_traffic = {d: mirror.get(d, 0) for d in deployments}
         if tags is not None:
             entity.tags = {str(k): str(v) for k, v in tags.items()}
+        elif set_tags is not None or remove:  # onto the tags just read: the endpoint PUT sends the whole map
+            merged = {k: v for k, v in (entity.tags or {}).items() if k not in remove}
+            merged.update({str(k): str(v) for k, v in (set_tags or {}).items()})
+            entity.tags = merged
         if description is not None:
             entity.description = str(description)
         self._lro(f"update endpoint {name!r}",
@@ -256,8 +271,7 @@ class AzureBackend:
 
     def _put_deployment(self, spec: DeploymentSpec, wait: bool, progress: Progress | None,
                         verb: str) -> Deployment:
-        if not spec.code_path or not spec.scoring_script:
-            raise SpecError(f"deployment {spec.name!r} needs code_configuration (code and scoring_script)")
+        check_scoring(spec, f"deployment {spec.name!r}")  # a scoring script, or an MLflow model (no-code)
         entity = deployment_entity(spec, self._resolve_model(spec))
         what = f"{verb} deployment {spec.name!r} on endpoint {spec.endpoint_name!r}"
         start = lambda: self.ml_client.online_deployments.begin_create_or_update(entity)  # noqa: E731
@@ -429,3 +443,8 @@ class AzureBackend:
         raise BackendError("the azure backend has no raw request samples: Azure Monitor keeps only per-minute "
                            "aggregates; use a gate that works on aggregates (threshold, or comparative on "
                            "metrics) instead of one that needs samples")
+
+    def mirrored_pairs(self, endpoint: str, *, start: datetime | None = None,
+                       end: datetime | None = None) -> list[MirroredPair]:
+        raise BackendError("the azure backend has no mirrored pairs: Azure keeps no mirrored answers; "
+                           "use an agreement gate with source: header")

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import warnings
+from datetime import date, datetime
 from dataclasses import asdict
 from enum import Enum
 from typing import Any, Callable, Mapping
@@ -107,8 +108,8 @@ def deployment_entity(spec: DeploymentSpec, model: Any) -> ManagedOnlineDeployme
 
 
 def model_entity(name: str, path: str, description: str, tags: Mapping[str, str],
-                 properties: Mapping[str, str]) -> SdkModel:
-    return SdkModel(name=name, path=path, type="custom_model", description=description or None,
+                 properties: Mapping[str, str], model_type: str = "custom_model") -> SdkModel:
+    return SdkModel(name=name, path=path, type=model_type, description=description or None,
                     tags={str(k): str(v) for k, v in tags.items()},
                     properties={str(k): str(v) for k, v in properties.items()})
 
@@ -192,7 +193,7 @@ def model_from_sdk(entity: Any) -> Model:
     return Model(name=entity.name, version=int(entity.version), path=str(entity.path or ""),
                  description=entity.description or "", tags=_strs(entity.tags),
                  properties=_strs(entity.properties), type=str(entity.type or "custom_model"),
-                 created_at=created.isoformat() if hasattr(created, "isoformat") else str(created or ""))
+                 created_at=created.isoformat() if isinstance(created, (datetime, date)) else str(created or ""))
 
 
 def credentials_from_sdk(keys: Any) -> Credentials:

@@ -33,7 +33,7 @@ def translate(exc: BaseException, what: str) -> SafeRolloutError:
     if isinstance(exc, ClientAuthenticationError):
         return BackendError(f"Azure refused the credentials while accessing {what}: {detail}; {AUTH_HINT}", exc)
     if isinstance(exc, ResourceNotFoundError):
-        error = NotFound(f"{what} not found in the Azure ML workspace ({detail})")
+        error: SafeRolloutError = NotFound(f"{what} not found in the Azure ML workspace ({detail})")
         error.__cause__ = exc
         return error
     if isinstance(exc, (ResourceExistsError, HttpResponseError)) and exc.status_code == 409:

@@ -3,7 +3,7 @@
 Queries go through `MetricsQueryClient.query_resource` (azure-monitor-query >= 1.4, < 2: the 2.x line
 dropped the metrics client) on the endpoint's ARM resource id, namespace
 `Microsoft.MachineLearningServices/workspaces/onlineEndpoints`. Our filter syntax is Azure's own
-(`deployment eq 'green' and statusCodeClass ne '2xx'`); it is validated with the local parser, then
+(`deployment eq 'green' and statusCodeClass ne '2xx'`); it is validated with the shared parser (`saferollout.backends.query`), then
 rendered for Azure with one `<dimension> eq '*'` clause per split-by dimension, which is how Azure Monitor
 is asked to split a series.
 
@@ -18,8 +18,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, MetricPoint, MetricSeries
-from saferollout.backends.local.metrics import (ALWAYS, BoolOp, Comparison, grain_seconds, parse_filter,
-                                                scope_of, validate_query)
+from saferollout.backends.query import (ALWAYS, NEVER, BoolOp, Comparison, grain_seconds, parse_filter, scope_of,
+                                        validate_query)
 from saferollout.errors import BackendError, SpecError
 
 NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
@@ -228,15 +228,34 @@ def _deployments_named(node: Any) -> list[str]:
     return []
 
 
-def _without_deployment(node: Any) -> Any:
-    """The filter Azure gets on one deployment's resource: the deployment comparisons are the resource."""
+def _mentions_deployment(node: Any) -> bool:
     if isinstance(node, Comparison):
-        return ALWAYS if node.dimension == "deployment" else node
+        return node.dimension == "deployment"
+    return isinstance(node, BoolOp) and (_mentions_deployment(node.left) or _mentions_deployment(node.right))
+
+
+def _for_deployment(node: Any, name: str) -> Any:
+    """The filter Azure gets on deployment `name`'s own resource: each `deployment eq` comparison is true or
+    false there (ALWAYS, or NEVER when nothing of it can match), the other comparisons stay.
+
+    `deployment eq 'blue' or instanceId eq 'i-0'` asks for all of blue and for i-0 anywhere, which no query of
+    the deployments it names can give: a comparison of another dimension is joined to them with `and` only.
+    """
+    if isinstance(node, Comparison):
+        if node.dimension != "deployment":
+            return node
+        return ALWAYS if node.value.lower() == name.lower() else NEVER
     if isinstance(node, BoolOp):
-        left, right = _without_deployment(node.left), _without_deployment(node.right)
-        if left is ALWAYS:
+        if node.op == "or" and _mentions_deployment(node.left) != _mentions_deployment(node.right):
+            raise SpecError("a deployment metric's filter joins `deployment eq` comparisons to the others with "
+                            f"`and` only; got {render(node)!r}: query each deployment on its own instead")
+        left, right = _for_deployment(node.left, name), _for_deployment(node.right, name)
+        absorbing, neutral = (NEVER, ALWAYS) if node.op == "and" else (ALWAYS, NEVER)
+        if left is absorbing or right is absorbing:
+            return absorbing
+        if left is neutral:
             return right
-        if right is ALWAYS:
+        if right is neutral:
             return left
         return BoolOp(node.op, left, right)
     return node
@@ -265,16 +284,21 @@ def query_deployment_series(client: Any, endpoint_id: str, all_deployments: Sequ
     if len(deployments) > 1 and "deployment" not in split:
         raise SpecError(f"{metric} of several deployments: split by deployment, or name one")
     known = {d.lower(): d for d in all_deployments}
-    rest = render(_without_deployment(node)) or None
     azure_split = [d for d in split if d != "deployment"]
-    clauses = ([f"({rest})" if " or " in (rest or "") and azure_split else rest] if rest else []) + \
-        [f"{d} eq '*'" for d in azure_split]
-    azure_filter = " and ".join(clauses) or None
     stamps = timeline(start, end, grain)
     series: list[MetricSeries] = []
+    filters: list[str] = []
     for name in deployments:
         if name.lower() not in known:
             raise SpecError(f"deployment {name!r} not found on this endpoint: it has {', '.join(sorted(known.values()))}")
+        scoped = _for_deployment(node, name)
+        if scoped is NEVER:
+            continue
+        rest = render(scoped) or None
+        clauses = ([f"({rest})" if " or " in (rest or "") and azure_split else rest] if rest else []) + \
+            [f"{d} eq '*'" for d in azure_split]
+        azure_filter = " and ".join(clauses) or None
+        filters.append(azure_filter or "")
         resource = f"{endpoint_id}/deployments/{known[name.lower()]}"
         result = query(client, resource, metric, aggregation, grain, start, end, azure_filter, DEPLOYMENT_NAMESPACE)
         found = to_series(result, metric, aggregation, grain, azure_split)
@@ -284,4 +308,4 @@ def query_deployment_series(client: Any, endpoint_id: str, all_deployments: Sequ
             if "deployment" in split:
                 one.dimensions = {"deployment": known[name.lower()], **one.dimensions}
         series.extend(found)
-    return series, [azure_filter or ""]
+    return series, filters

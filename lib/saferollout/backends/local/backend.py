@@ -16,10 +16,11 @@ import requests
 
 from saferollout.backends.base import (Credentials, Deployment, Endpoint, InvokeResult, MetricPoint,
                                        MetricSeries, MirroredPair, Model, Progress, RequestSample)
-from saferollout.backends.local.daemon import admin_token, resolve_home, start_platform
+from saferollout.backends.local.client import start_platform
+from saferollout.backends.local.workspace import admin_token, resolve_home
 from saferollout.backends.local.gateway import DEPLOYMENT_HEADER
 from saferollout.errors import BackendError, Conflict, DeploymentFailed, NotFound, SpecError
-from saferollout.specs import DeploymentSpec, EndpointSpec, parse_traffic
+from saferollout.specs import DeploymentSpec, EndpointSpec, check_model_type, parse_traffic
 
 ERRORS = {"SpecError": SpecError, "UsageError": SpecError, "NotFound": NotFound, "Conflict": Conflict,
           "BackendError": BackendError}
@@ -44,6 +45,7 @@ class LocalBackend:
     supports_raw_samples = True
     metrics_delay_s = 0.0  # a query flushes the request log first
     supports_mirrored_pairs = True
+    finest_grain = "PT5S"  # the request log holds every request: any grain works; 5 s is what plots use
 
     def __init__(self, home: str | os.PathLike | None = None, autostart: bool = True):
         self.home = resolve_home(home)
@@ -91,12 +93,14 @@ class LocalBackend:
 
     # ---- models -----------------------------------------------------------------------------
     def register_model(self, name: str, path: str, *, description: str = "", tags: dict[str, str] | None = None,
-                       properties: dict[str, str] | None = None) -> Model:
+                       properties: dict[str, str] | None = None, type: str = "custom_model") -> Model:
         if not Path(path).expanduser().exists():
             raise SpecError(f"model path does not exist: {path}")
+        check_model_type(path, type)
         data = self._call("POST", "/models", {"name": name, "path": str(Path(path).expanduser().resolve()),
                                               "description": description, "tags": tags or {},
-                                              "properties": {k: str(v) for k, v in (properties or {}).items()}})
+                                              "properties": {k: str(v) for k, v in (properties or {}).items()},
+                                              "type": type})
         return Model(**data)
 
     def get_model(self, name: str, version: int | str | None = None) -> Model:
@@ -118,10 +122,12 @@ class LocalBackend:
 
     def update_endpoint(self, name: str, *, traffic: dict[str, int] | None = None,
                         mirror_traffic: dict[str, int] | None = None, tags: dict[str, str] | None = None,
-                        description: str | None = None) -> Endpoint:
+                        description: str | None = None, set_tags: dict[str, str] | None = None,
+                        remove_tags: Iterable[str] = ()) -> Endpoint:
         body = {"traffic": None if traffic is None else parse_traffic(traffic),
                 "mirror_traffic": None if mirror_traffic is None else parse_traffic(mirror_traffic, "mirror_traffic"),
-                "tags": tags, "description": description}
+                "tags": tags, "description": description, "set_tags": set_tags,
+                "remove_tags": list(remove_tags) or None}
         return Endpoint(**self._call("PATCH", f"/endpoints/{name}", body))
 
     def delete_endpoint(self, name: str) -> None:

@@ -15,21 +15,44 @@ import hmac
 import json
 import math
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import aiohttp
-from aiohttp import web
+import uvloop
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
+from saferollout.backends.local.http_server import HttpServer, Request, Response, json_response
 from saferollout.backends.local.instances import Instance
 from saferollout.backends.local.metrics import PAIR_BODY_LIMIT, RequestLog
+
+T = TypeVar("T")
 
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 DEFAULT_MAX_BODY_BYTES = 1536 * 1024  # Azure's managed online endpoints accept payloads up to 1.5 MB
 JSON_TYPES = ("application/json", "text/json", "")
+# Requests one deployment holds while its instances come up (after a platform restart): beyond, 429.
+HOLD_LIMIT = 1024
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the platform's event loop on uvloop (libuv), where the loop's own per-request work (accept, connect,
+    read, write, callbacks) costs the gateway much less than on asyncio's pure-Python selector loop
+    (bench/gateway.py, docs/benchmarks.md)."""
+    return uvloop.run(main)
+
+
+if sys.version_info >= (3, 11):
+    async def _within(timeout_s: float, call: Awaitable[T]) -> T:
+        """`call`, cancelled after `timeout_s` (asyncio.TimeoutError); without the task wait_for adds in 3.11."""
+        async with asyncio.timeout(timeout_s):
+            return await call
+else:  # pragma: no cover - Python 3.10
+    async def _within(timeout_s: float, call: Awaitable[T]) -> T:
+        return await asyncio.wait_for(call, timeout_s)
 
 
 # ---- tokens ---------------------------------------------------------------------------------
@@ -89,6 +112,7 @@ class DeploymentPool:
         self.timeout_ms = timeout_ms
         self.instances: list[Instance] = []
         self.in_flight = 0
+        self.held = 0  # requests waiting for instances that are coming up, none ready yet
         self.failed = False  # a Failed deployment is never routed to
         # Instances being started (creation, or every deployment after a platform restart): requests wait for
         # them, within request_timeout_ms, instead of failing while the platform comes back.
@@ -101,6 +125,29 @@ class DeploymentPool:
     def admission_limit(self) -> int:
         """Azure's 429 rule: more than 2 * max_concurrent_requests_per_instance * instance_count in flight."""
         return 2 * self.max_concurrent * max(1, len(self.instances))
+
+    def holding(self) -> bool:
+        """Instances are coming up and none is ready yet (creation, or after a platform restart)."""
+        return self.starting and not any(i.ready for i in self.instances)
+
+    def refusal(self, held: bool) -> str | None:
+        """Why a request is refused 429 now, or None. A request held for instances coming up is not counted
+        against Azure's limit, which is about requests at instances (there are none yet), only against
+        HOLD_LIMIT; held requests time out within request_timeout_ms, as any other."""
+        if held:
+            return None if self.held < HOLD_LIMIT else (
+                f"too many requests for deployment {self.name!r}: {self.held} held while its instances start, "
+                f"limit {HOLD_LIMIT}")
+        if self.in_flight >= self.admission_limit:
+            return (f"too many requests for deployment {self.name!r}: {self.in_flight} in flight, "
+                    f"limit {self.admission_limit}")
+        return None
+
+    def count(self, held: bool, change: int) -> None:
+        if held:
+            self.held += change
+        else:
+            self.in_flight += change
 
     def servable(self) -> bool:
         return not self.failed and (self.starting or any(i.state in ("ready", "starting", "restarting")
@@ -168,18 +215,23 @@ class EndpointRoute:
         return self.pools[rng.choices(names, weights)[0]]
 
 
+def _request_id(headers: dict[str, str]) -> str:
+    """The client's own request id (`x-ms-client-request-id`), else a new one."""
+    return headers.get("x-ms-client-request-id") or str(uuid.uuid4())
+
+
 def _reply(status: int, message: str, request_id: str, deployment: str | None = None,
-           extra: dict | None = None) -> web.Response:
+           extra: dict | None = None) -> Response:
     headers = {"x-request-id": request_id, "x-ms-request-id": request_id}
     if deployment:
         headers[DEPLOYMENT_HEADER] = deployment
     if extra:
         headers.update(extra)
-    return web.json_response({"message": message}, status=status, headers=headers)
+    return json_response({"message": message}, status=status, headers=headers)
 
 
 class Gateway:
-    """The aiohttp application serving every endpoint's scoring URI on one loopback port."""
+    """Every endpoint's scoring URI on one loopback port (`serve`), answered by `handle`."""
 
     def __init__(self, request_log: RequestLog, signing_key: bytes,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, clock: Callable[[], float] = time.time,
@@ -201,17 +253,53 @@ class Gateway:
         self.latency = Histogram("saferollout_request_latency_seconds", "Gateway request latency",
                                  ("endpoint", "deployment"), registry=self.registry,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self._counters: dict[tuple, Any] = {}
+        self._histograms: dict[tuple, Any] = {}
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_post("/endpoints/{endpoint}/score", self.score)
-        app.router.add_get("/endpoints/{endpoint}/swagger.json", self.swagger)
-        app.router.add_get("/metrics", self.prometheus)
-        app.router.add_get("/", self.health)
-        app.on_cleanup.append(self._close)
-        return app
+    def _count(self, endpoint: str, deployment: str, status: int, mirrored: bool) -> None:
+        """Count one answer; each label set's counter is looked up once (`labels()` costs a lock and a tuple)."""
+        key = (endpoint, deployment, status // 100, mirrored)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests_total.labels(
+                endpoint, deployment, f"{status // 100}xx", str(mirrored).lower())
+        counter.inc()
 
-    async def _close(self, _app: web.Application) -> None:
+    def _latency_of(self, endpoint: str, deployment: str) -> Any:
+        histogram = self._histograms.get((endpoint, deployment))
+        if histogram is None:
+            histogram = self._histograms[(endpoint, deployment)] = self.latency.labels(endpoint, deployment)
+        return histogram
+
+    async def serve(self, host: str, port: int, backlog: int = 1024) -> HttpServer:
+        """Start serving on `host:port`; `close()` the server it returns, then `close()` the gateway."""
+        server = HttpServer(self.handle, self.max_body_bytes, refuse=self._refuse)
+        await server.start(host, port, backlog)
+        return server
+
+    async def handle(self, request: Request) -> Response:
+        """Route a request: the scoring URI, the endpoint's OpenAPI document, /metrics and / (health)."""
+        path, method = request.path, request.method
+        if path.startswith("/endpoints/"):
+            endpoint, _, rest = path[len("/endpoints/"):].partition("/")
+            if rest == "score":
+                return await self.score(request, endpoint) if method == "POST" else _not_allowed(method, "POST")
+            if rest == "swagger.json":
+                return await self.swagger(request, endpoint) if method in ("GET", "HEAD") \
+                    else _not_allowed(method, "GET, HEAD")
+        elif path in ("/metrics", "/"):
+            if method not in ("GET", "HEAD"):
+                return _not_allowed(method, "GET, HEAD")
+            return self.prometheus(request) if path == "/metrics" else json_response({"status": "Healthy"})
+        return json_response({"message": f"no such path: {path} (scoring URIs are /endpoints/<name>/score)"}, 404)
+
+    @staticmethod
+    def _refuse(status: int, message: str, headers: dict[str, str]) -> Response:
+        """A request the HTTP server refuses before it is read (413, 431, 400), answered as the gateway's own."""
+        return _reply(status, message, _request_id(headers))
+
+    async def close(self) -> None:
+        """Cancel the mirror requests still under way."""
         for task in list(self._background):
             task.cancel()
 
@@ -221,19 +309,16 @@ class Gateway:
     def remove_route(self, name: str) -> None:
         self.routes.pop(name, None)
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "Healthy"})
-
-    async def swagger(self, request: web.Request) -> web.Response:
+    async def swagger(self, request: Request, endpoint: str) -> Response:
         """The endpoint's OpenAPI document (its `openapi_uri`), as the serving deployment's inference server
         builds it from the scoring script's schema decorators: the deployment the header names, else the one
         with the most traffic. Authenticated as scoring is."""
-        request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
-        route = self._authorized_route(request, request_id)
-        if isinstance(route, web.Response):
+        request_id = _request_id(request.headers)
+        route = self._authorized_route(request, endpoint, request_id)
+        if isinstance(route, Response):
             return route
         name = request.headers.get(DEPLOYMENT_HEADER) or max(
-            (n for n, w in route.traffic.items() if w > 0 and n in route.pools), key=route.traffic.get, default=None)
+            (n for n, w in route.traffic.items() if w > 0 and n in route.pools), key=lambda n: route.traffic[n], default=None)
         pool = route.pools.get(name) if name else None
         if pool is None:
             return _reply(404, f"no deployment to describe: endpoint {route.name!r} has no traffic set and the "
@@ -247,34 +332,27 @@ class Gateway:
             status, payload = await inst.get(f"/swagger.json{query}")
         except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return _reply(424, f"model server is unavailable: {exc}", request_id, pool.name)
-        return web.Response(body=payload, status=status, content_type="application/json",
-                            headers={DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id,
-                                     "x-ms-request-id": request_id})
+        return Response(status, payload, "application/json",
+                        {DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id, "x-ms-request-id": request_id})
 
-    async def prometheus(self, request: web.Request) -> web.Response:
+    def prometheus(self, request: Request) -> Response:
         if self.metrics_token is not None:
-            header = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            header = request.headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(header, f"Bearer {self.metrics_token}".encode()):
-                return web.json_response({"message": "missing or invalid credentials: /metrics takes the "
-                                                     "workspace admin token (Authorization: Bearer <admin.token>)"},
-                                         status=401)
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+                return json_response({"message": "missing or invalid credentials: /metrics takes the "
+                                                 "workspace admin token (Authorization: Bearer <admin.token>)"}, 401)
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
     # ---- the scoring path -------------------------------------------------------------------
-    async def score(self, request: web.Request) -> web.StreamResponse:
+    async def score(self, request: Request, endpoint: str) -> Response:
+        """Score one request (its body already read, within `max_body_bytes`, by the HTTP server)."""
         started, arrival = time.perf_counter(), self.clock()
-        request_id = request.headers.get("x-ms-client-request-id") or str(uuid.uuid4())
-        route = self._authorized_route(request, request_id)
-        if isinstance(route, web.Response):
+        request_id = _request_id(request.headers)
+        route = self._authorized_route(request, endpoint, request_id)
+        if isinstance(route, Response):
             return route
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            return _reply(413, f"request body of {request.content_length} bytes is over the limit of "
-                               f"{self.max_body_bytes} bytes", request_id)
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _reply(413, f"request body is over the limit of {self.max_body_bytes} bytes", request_id)
-        content_type = request.content_type if request.headers.get("Content-Type") else ""
+        body = request.body
+        content_type = request.content_type
         if content_type in JSON_TYPES:
             try:
                 json.loads(body)
@@ -302,12 +380,12 @@ class Gateway:
                                response)
         return response
 
-    def _authorized_route(self, request: web.Request, request_id: str) -> EndpointRoute | web.Response:
+    def _authorized_route(self, request: Request, endpoint: str, request_id: str) -> EndpointRoute | Response:
         """The endpoint the request names, or the 404 or 401 answer to give instead."""
-        route = self.routes.get(request.match_info["endpoint"])
+        route = self.routes.get(endpoint)
         if route is None:
-            return _reply(404, f"endpoint {request.match_info['endpoint']!r} not found", request_id)
-        refusal = self._authorize(route, request.headers.get("Authorization", ""))
+            return _reply(404, f"endpoint {endpoint!r} not found", request_id)
+        refusal = self._authorize(route, request.headers.get("authorization", ""))
         if refusal:
             return _reply(401, refusal, request_id)
         return route
@@ -317,7 +395,7 @@ class Gateway:
         if scheme.lower() != "bearer" or not credential.strip():
             return "missing credentials: send 'Authorization: Bearer <key or token>'"
         credential = credential.strip()
-        if not credential.isascii():  # keys and tokens are ASCII; aiohttp hands other bytes over as surrogates
+        if not credential.isascii():  # keys and tokens are ASCII; header bytes arrive decoded as latin-1
             return "invalid credentials: the Authorization header holds bytes that are not ASCII"
         if route.auth_mode == "key":
             matched = False
@@ -327,24 +405,24 @@ class Gateway:
         return check_token(self.signing_key, route.name, credential, self.clock())
 
     async def _forward(self, route: EndpointRoute, pool: DeploymentPool, body: bytes, content_type: str,
-                       started: float, arrival: float, request_id: str, *, pinned: bool = False) -> web.Response:
-        finish = functools.partial(self._finish, pinned=pinned)
-        if pool.in_flight >= pool.admission_limit:
-            return finish(route, pool, 429, started, arrival, request_id, None,
-                                message=f"too many requests for deployment {pool.name!r}: "
-                                        f"{pool.in_flight} in flight, limit {pool.admission_limit}")
+                       started: float, arrival: float, request_id: str, *, pinned: bool = False) -> Response:
+        held = pool.holding()
+        finish = functools.partial(self._finish, pinned=pinned, held=held)
+        refusal = pool.refusal(held)
+        if refusal:
+            return finish(route, pool, 429, started, arrival, request_id, None, message=refusal)
         if not pool.servable():
             return finish(route, pool, 424, started, arrival, request_id, None,
                                 message=f"deployment {pool.name!r} has no running instance")
-        pool.in_flight += 1
+        pool.count(held, +1)
         try:
-            status, payload, model_status = await asyncio.wait_for(
-                self._call_instance(pool, body, content_type), pool.timeout_ms / 1000.0)
+            status, payload, model_status = await _within(
+                pool.timeout_ms / 1000.0, self._call_instance(pool, body, content_type))
         except asyncio.TimeoutError:
             return finish(route, pool, 408, started, arrival, request_id, None,
                                 message=f"request timed out after {pool.timeout_ms} ms (request_timeout_ms)")
         finally:
-            pool.in_flight -= 1
+            pool.count(held, -1)
         if status == 200:
             return finish(route, pool, 200, started, arrival, request_id, model_status, payload=payload)
         return finish(route, pool, 424, started, arrival, request_id, model_status,
@@ -368,32 +446,31 @@ class Gateway:
     def _finish(self, route: EndpointRoute, pool: DeploymentPool, status: int, started: float, arrival: float,
                 request_id: str, model_status: int | None, payload: bytes | None = None,
                 message: str = "", detail: bytes | None = None, mirrored: bool = False,
-                pinned: bool = False) -> web.Response:
+                pinned: bool = False, held: bool = False) -> Response:
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.request_log.record((arrival, route.name, pool.name, status, latency_ms, int(mirrored),
-                                 request_id, model_status, int(pinned)))
-        status_class = f"{status // 100}xx"
-        self.requests_total.labels(route.name, pool.name, status_class, str(mirrored).lower()).inc()
-        self.latency.labels(route.name, pool.name).observe(latency_ms / 1000.0)
+                                 request_id, model_status, int(pinned), int(held)))
+        self._count(route.name, pool.name, status, mirrored)
+        self._latency_of(route.name, pool.name).observe(latency_ms / 1000.0)
         headers = {DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id, "x-ms-request-id": request_id}
         if payload is not None:
-            return web.Response(body=payload, status=status, content_type="application/json", headers=headers)
+            return Response(status, payload, "application/json", headers)
         if model_status is not None:
             headers["ms-azureml-model-error-statuscode"] = str(model_status)
         body = {"message": message}
         if detail:
             body["model_error"] = detail[:4096].decode("utf-8", "replace")
-        return web.json_response(body, status=status, headers=headers)
+        return json_response(body, status=status, headers=headers)
 
     # ---- mirror traffic ---------------------------------------------------------------------
     def _maybe_mirror(self, route: EndpointRoute, body: bytes, content_type: str, request_id: str,
-                      live_deployment: str, live: web.Response) -> None:
+                      live_deployment: str, live: Response) -> None:
         for name, percent in route.mirror.items():
             pool = route.pools.get(name)
             if pool is None or self.rng.random() * 100 >= percent:
                 continue
             task = asyncio.create_task(self._mirror(route, pool, body, content_type, request_id,
-                                                    live_deployment, live.status, live.body or b""))
+                                                    live_deployment, live.status, live.body))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -401,20 +478,28 @@ class Gateway:
                       request_id: str, live_deployment: str, live_status: int, live_body: bytes) -> None:
         """Send a copy to the mirror deployment; its answer is recorded, never shown to the client."""
         started, arrival = time.perf_counter(), self.clock()
-        if pool.in_flight >= pool.admission_limit or not pool.servable():
+        held = pool.holding()
+        if pool.refusal(held) or not pool.servable():
             status, payload, model_status = 429 if pool.servable() else 424, b"", None
         else:
-            pool.in_flight += 1
+            pool.count(held, +1)
             try:
-                status, payload, model_status = await asyncio.wait_for(
-                    self._call_instance(pool, body, content_type), pool.timeout_ms / 1000.0)
+                status, payload, model_status = await _within(
+                    pool.timeout_ms / 1000.0, self._call_instance(pool, body, content_type))
             except asyncio.TimeoutError:
                 status, payload, model_status = 408, b"", None
             finally:
-                pool.in_flight -= 1
+                pool.count(held, -1)
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self.request_log.record((arrival, route.name, pool.name, status, latency_ms, 1, request_id, model_status, 0))
-        self.requests_total.labels(route.name, pool.name, f"{status // 100}xx", "true").inc()
+        self.request_log.record((arrival, route.name, pool.name, status, latency_ms, 1, request_id, model_status, 0,
+                                 int(held)))
+        self._count(route.name, pool.name, status, True)
         self.request_log.record_pair((arrival, route.name, request_id, body[:PAIR_BODY_LIMIT], live_deployment,
                                       live_status, bytes(live_body[:PAIR_BODY_LIMIT]), pool.name, status,
                                       payload[:PAIR_BODY_LIMIT]))
+
+
+
+def _not_allowed(method: str, allowed: str) -> Response:
+    return json_response({"message": f"method {method} is not allowed here (allowed: {allowed})"}, 405,
+                         {"Allow": allowed})

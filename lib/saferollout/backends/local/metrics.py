@@ -2,32 +2,31 @@
 
 The gateway hands every request (mirrored ones too, flagged) to a `RequestLog`, which batches them into
 SQLite from a background thread so that recording never sits on the request path (a graceful stop
-writes everything; a SIGKILL loses at most the last batch interval, 0.2 s, of requests). Queries speak Azure
-Monitor's language: metric names, aggregations, ISO 8601 grains and OData-like filters such as
-`deployment eq 'green' and statusCodeClass ne '2xx'`.
+writes everything; a SIGKILL loses at most the last batch interval, 0.2 s, of requests). `aggregate` answers
+queries in Azure Monitor's language (parsed by `saferollout.backends.query`) from those rows.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from saferollout.backends.base import AGGREGATIONS, DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, METRIC_NAMES
+from saferollout.backends import query
+from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS
+from saferollout.backends.query import grain_seconds, parse_filter, scope_of
 from saferollout.errors import SpecError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     ts REAL NOT NULL, endpoint TEXT NOT NULL, deployment TEXT NOT NULL, status INTEGER NOT NULL,
     latency_ms REAL NOT NULL, mirrored INTEGER NOT NULL, request_id TEXT NOT NULL, model_status INTEGER,
-    pinned INTEGER NOT NULL DEFAULT 0);
+    pinned INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests (endpoint, ts);
 CREATE TABLE IF NOT EXISTS mirrored_pairs (
     ts REAL NOT NULL, endpoint TEXT NOT NULL, request_id TEXT NOT NULL, request_body BLOB NOT NULL,
@@ -44,7 +43,19 @@ CREATE INDEX IF NOT EXISTS instance_metrics_by_time ON instance_metrics (endpoin
 # share of its memory (Azure: of the instance's VM). The other Azure deployment metrics (GPU, disk) are not.
 INSTANCE_METRICS = {"CpuUtilizationPercentage": 4, "CpuMemoryUtilizationPercentage": 5}
 # Row order of `requests`, which is also the tuple the gateway records.
-RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned)
+# held: the request waited for instances coming back after a platform restart (recorded, shown by the raw
+# samples, left out of the metrics: the platform's own outage is no evidence about a deployment).
+RequestRow = tuple  # (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned, held)
+
+
+def request_row(ts: float, endpoint: str, deployment: str, status: int, latency_ms: float, mirrored: int = 0,
+                request_id: str = "", model_status: int | None = None, pinned: int = 0, held: int = 0) -> RequestRow:
+    """A whole request-log row, in column order; what is not given takes its default (a served, live request).
+
+    The gateway records whole rows itself; the in-memory backends of the tests build theirs with this, so every
+    reader of rows (`aggregate`, the samples) can rely on every column.
+    """
+    return (ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned, held)
 RETENTION_S = 7 * 24 * 3600
 log = logging.getLogger("saferollout.platform")
 PAIR_BODY_LIMIT = 64 * 1024
@@ -79,11 +90,12 @@ class RequestLog:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def _add_pinned_column(self, db: sqlite3.Connection) -> None:
-        """A log written before requests were marked pinned gets the column (its rows count as routed)."""
+    def _add_new_columns(self, db: sqlite3.Connection) -> None:
+        """A log written before requests were marked pinned or held gets the columns (its rows are neither)."""
         columns = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-        if "pinned" not in columns:
-            db.execute("ALTER TABLE requests ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
+        for name in ("pinned", "held"):  # in the table's order: ALTER TABLE adds at the end
+            if name not in columns:
+                db.execute(f"ALTER TABLE requests ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
 
     def _open(self) -> sqlite3.Connection:
         """The log at `path`, ready to write; an unreadable file is moved aside and a new log started."""
@@ -96,7 +108,7 @@ class RequestLog:
     def _prepared(self, db: sqlite3.Connection) -> sqlite3.Connection:
         try:
             db.executescript(SCHEMA)  # "file is not a database" here; damage deeper in is met when written
-            self._add_pinned_column(db)
+            self._add_new_columns(db)
             db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - RETENTION_S,))
             db.execute("DELETE FROM mirrored_pairs WHERE ts < ?", (time.time() - RETENTION_S,))
         except sqlite3.DatabaseError:
@@ -188,7 +200,7 @@ class RequestLog:
         try:
             self._writer.execute("BEGIN")
             if rows:
-                self._writer.executemany("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                self._writer.executemany("INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
             if pairs:
                 self._writer.executemany("INSERT INTO mirrored_pairs VALUES (?,?,?,?,?,?,?,?,?,?)", pairs)
             self._writer.execute("COMMIT")
@@ -236,7 +248,7 @@ class RequestLog:
 
     def rows(self, endpoint: str, start: float, end: float) -> list[tuple]:
         return self._query(
-            "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned "
+            "SELECT ts, endpoint, deployment, status, latency_ms, mirrored, request_id, model_status, pinned, held "
             "FROM requests WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
 
     def pairs(self, endpoint: str, start: float, end: float) -> list[tuple]:
@@ -264,146 +276,7 @@ class RequestLog:
                            "WHERE endpoint=? AND ts>=? AND ts<? ORDER BY ts", (endpoint, start, end))
 
 
-# ---- filters ---------------------------------------------------------------------------------
-
-_TOKEN = re.compile(r"\s*(?:(\()|(\))|'((?:[^']|'')*)'|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-@dataclass
-class Comparison:
-    dimension: str
-    op: str  # eq | ne
-    value: str
-
-    def matches(self, dims: dict[str, str]) -> bool:
-        if self.value == "*":
-            return self.op == "eq"
-        hit = dims.get(self.dimension, "").lower() == self.value.lower()
-        return hit if self.op == "eq" else not hit
-
-
-@dataclass
-class BoolOp:
-    op: str  # and | or
-    left: Any
-    right: Any
-
-    def matches(self, dims: dict[str, str]) -> bool:
-        if self.op == "and":
-            return self.left.matches(dims) and self.right.matches(dims)
-        return self.left.matches(dims) or self.right.matches(dims)
-
-
-class _Always:
-    def matches(self, dims: dict[str, str]) -> bool:
-        return True
-
-
-ALWAYS = _Always()
-
-
-def parse_filter(text: str | None, dimensions: Sequence[str]) -> Any:
-    """Parse `deployment eq 'green' and statusCodeClass ne '2xx'` (and/or, parentheses, eq/ne)."""
-    if not text or not text.strip():
-        return ALWAYS
-    tokens = _tokenize(text)
-    node, pos = _parse_or(tokens, 0, text, dimensions)
-    if pos != len(tokens):
-        raise SpecError(f"invalid metric filter {text!r}: unexpected {tokens[pos][1]!r}")
-    return node
-
-
-def _tokenize(text: str) -> list[tuple[str, str]]:
-    tokens, pos = [], 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            break
-        match = _TOKEN.match(text, pos)
-        if not match:
-            raise SpecError(f"invalid metric filter {text!r} near {text[pos:pos + 12]!r}")
-        lpar, rpar, quoted, word = match.groups()
-        if lpar:
-            tokens.append(("(", "("))
-        elif rpar:
-            tokens.append((")", ")"))
-        elif quoted is not None:
-            tokens.append(("str", quoted.replace("''", "'")))
-        else:
-            tokens.append(("word", word))
-        pos = match.end()
-    return tokens
-
-
-def _parse_or(tokens, pos, text, dims):
-    left, pos = _parse_and(tokens, pos, text, dims)
-    while pos < len(tokens) and tokens[pos] == ("word", "or"):
-        right, pos = _parse_and(tokens, pos + 1, text, dims)
-        left = BoolOp("or", left, right)
-    return left, pos
-
-
-def _parse_and(tokens, pos, text, dims):
-    left, pos = _parse_term(tokens, pos, text, dims)
-    while pos < len(tokens) and tokens[pos] == ("word", "and"):
-        right, pos = _parse_term(tokens, pos + 1, text, dims)
-        left = BoolOp("and", left, right)
-    return left, pos
-
-
-def _parse_term(tokens, pos, text, dims):
-    if pos >= len(tokens):
-        raise SpecError(f"invalid metric filter {text!r}: it ends too early")
-    if tokens[pos][0] == "(":
-        node, pos = _parse_or(tokens, pos + 1, text, dims)
-        if pos >= len(tokens) or tokens[pos][0] != ")":
-            raise SpecError(f"invalid metric filter {text!r}: missing ')'")
-        return node, pos + 1
-    if pos + 3 > len(tokens):
-        raise SpecError(f"invalid metric filter {text!r}: expected <dimension> eq|ne '<value>'")
-    (kind_d, dim), (kind_o, op), (kind_v, value) = tokens[pos:pos + 3]
-    if kind_d != "word" or kind_o != "word" or op.lower() not in ("eq", "ne") or kind_v != "str":
-        raise SpecError(f"invalid metric filter {text!r}: expected <dimension> eq|ne '<value>'")
-    canonical = {d.lower(): d for d in dims}
-    if dim.lower() not in canonical:
-        raise SpecError(f"unknown dimension {dim!r} in metric filter: this metric has {', '.join(dims)}")
-    return Comparison(canonical[dim.lower()], op.lower(), value), pos + 3
-
-
-def scope_of(node: Any) -> Any:
-    """The filter with every non-deployment comparison dropped: which requests are 'in scope'.
-
-    A bucket where the scope saw requests but the filter matched none holds 0 (e.g. zero errors out of
-    120 requests); a bucket where the scope saw no request at all holds None: no data is never zero errors.
-    """
-    if isinstance(node, Comparison):
-        return node if node.dimension == "deployment" else ALWAYS
-    if isinstance(node, BoolOp):
-        left, right = scope_of(node.left), scope_of(node.right)
-        if node.op == "or" and (left is ALWAYS or right is ALWAYS):
-            return ALWAYS
-        if left is ALWAYS:
-            return right
-        if right is ALWAYS:
-            return left
-        return BoolOp(node.op, left, right)
-    return ALWAYS
-
-
 # ---- aggregation -----------------------------------------------------------------------------
-
-_GRAIN = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
-
-
-def grain_seconds(grain: str) -> int:
-    match = _GRAIN.match((grain or "").upper())
-    if not match or not any(match.groups()):
-        raise SpecError(f"invalid grain {grain!r}: use an ISO 8601 duration such as PT1M, PT5S or PT1H")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    total = days * 86400 + hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise SpecError(f"invalid grain {grain!r}: it must be longer than zero")
-    return total
-
 
 def dimensions_of(row: tuple) -> dict[str, str]:
     status = int(row[3])
@@ -437,26 +310,21 @@ def _value(metric: str, aggregation: str, grain_s: int, latencies: list[float], 
 
 
 def validate_query(metric: str, aggregation: str, split_by: Iterable[str]) -> tuple[str, ...]:
+    """`query.validate_query` for what the local platform measures (of the deployment metrics, CPU and memory)."""
     if metric in DEPLOYMENT_METRIC_DIMENSIONS and metric not in INSTANCE_METRICS:
         raise SpecError(f"{metric} is not measured by the local platform: it measures "
                         f"{' and '.join(INSTANCE_METRICS)} of each instance's processes")
-    if metric not in METRIC_NAMES and metric not in INSTANCE_METRICS:
-        raise SpecError(f"unknown metric {metric!r}: choose one of {', '.join((*METRIC_NAMES, *INSTANCE_METRICS))}")
-    if aggregation not in AGGREGATIONS:
-        raise SpecError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    dims = METRIC_DIMENSIONS.get(metric) or DEPLOYMENT_METRIC_DIMENSIONS[metric]
-    canonical = {d.lower(): d for d in dims}
-    split = []
-    for name in split_by:
-        if name.lower() not in canonical:
-            raise SpecError(f"cannot split {metric} by {name!r}: its dimensions are {', '.join(dims)}")
-        split.append(canonical[name.lower()])
-    return tuple(split)
+    return query.validate_query(metric, aggregation, split_by, deployment_metrics=INSTANCE_METRICS)
 
 
 def aggregate(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, start: float, end: float,
               filter_text: str | None = None, split_by: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Turn request rows into Azure-style time series: one per split-by combination, aligned buckets."""
+    """Turn request rows into Azure-style time series: one per split-by combination, aligned buckets.
+
+    Requests held through a platform restart (`held`) are left out: on Azure a control-plane restart does not
+    stop the data plane, so its metrics never hold such a wait, and a bake gate would roll back a healthy PROD
+    for the platform's outage.
+    """
     split = validate_query(metric, aggregation, split_by)
     dims = METRIC_DIMENSIONS[metric]
     node = parse_filter(filter_text, dims)
@@ -468,7 +336,7 @@ def aggregate(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, 
     scoped = [0] * n_buckets
     for row in rows:
         bucket = int((row[0] - first) // grain_s)
-        if not 0 <= bucket < n_buckets:
+        if not 0 <= bucket < n_buckets or row[9]:
             continue
         row_dims = dimensions_of(row)
         if not scope.matches(row_dims):
@@ -490,6 +358,10 @@ def aggregate(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, 
     return series
 
 
+REDUCERS: dict[str, Callable[[list[float]], float]] = {
+    "Average": lambda v: sum(v) / len(v), "Minimum": min, "Maximum": max, "Total": sum, "Count": len}
+
+
 def aggregate_instances(rows: Sequence[tuple], metric: str, aggregation: str, grain: str, start: float, end: float,
                         filter_text: str | None = None, split_by: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Instance samples (`RequestLog.instance_rows`) as Azure-style series of `metric`, aligned buckets; an
@@ -508,8 +380,7 @@ def aggregate_instances(rows: Sequence[tuple], metric: str, aggregation: str, gr
             values.setdefault(key, [[] for _ in range(n_buckets)])[bucket].append(float(row[column]))
     if not split and not values:
         values[()] = [[] for _ in range(n_buckets)]
-    reduce = {"Average": lambda v: sum(v) / len(v), "Minimum": min, "Maximum": max, "Total": sum,
-              "Count": len}[aggregation]
+    reduce = REDUCERS[aggregation]
     return [{"metric": metric, "aggregation": aggregation, "grain": grain, "dimensions": dict(zip(split, key)),
              "points": [{"timestamp": first + i * grain_s, "value": reduce(b) if b else None}
                         for i, b in enumerate(buckets)]}

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import stat
 from pathlib import Path
 
-from saferollout.errors import BackendError
+from saferollout.errors import BackendError, SpecError
 
+DEFAULT_HOME = ".saferollout"
+LOG_NAME = "platform.log"
+OUTPUT_NAME = "platform.out"  # the platform process's stdout and stderr, this start's only
 PRIVATE_UMASK = 0o077
 SECRET_FILES = ("admin.token", "state.db", "state.db-wal", "state.db-shm",
                 "metrics.db", "metrics.db-wal", "metrics.db-shm")
@@ -66,3 +70,38 @@ def private_home(home: Path) -> Path:
         pass
     check_workspace(home)
     return home
+
+
+def resolve_home(home: str | os.PathLike | None = None) -> Path:
+    return Path(home or os.environ.get("SAFEROLLOUT_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def admin_token(home: Path) -> str:
+    """The workspace admin token, created once with mode 0600 (the workspace checked private first)."""
+    private_home(home)
+    path = home / "admin.token"
+    if not path.exists():
+        # written whole under a private name, then linked into place: two processes starting a new
+        # workspace at once agree on one token, and neither can read a half-written file
+        draft = home / f".admin.token.{os.getpid()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process won: use its token
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+LOG_MAX_BYTES_ENV = "SAFEROLLOUT_LOG_MAX_BYTES"
+
+
+def log_max_bytes() -> int:
+    """Where platform.log and each instance's log rotate: SAFEROLLOUT_LOG_MAX_BYTES (at least 1024), or 10 MB."""
+    text = os.environ.get(LOG_MAX_BYTES_ENV, str(10 * 1024 * 1024))
+    if not text.isdigit() or int(text) < 1024:
+        raise SpecError(f"{LOG_MAX_BYTES_ENV} must be a whole number of bytes, at least 1024; got {text!r}")
+    return int(text)

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from saferollout import cli
-from saferollout.backends.local.daemon import stop_platform
+from saferollout.backends.local.client import stop_platform
 from saferollout.cli import apply_remove, apply_set, build_parser, main, metrics_window
 from saferollout.errors import NotFound, SpecError, UsageError
 

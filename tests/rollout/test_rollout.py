@@ -20,10 +20,10 @@ import pytest
 
 from saferollout import cli, data, rollout, traffic
 from saferollout.errors import Conflict, DeploymentFailed, GateFailed, NotFound
-from saferollout.rollout import Phase, RolloutState, next_step
+from saferollout.rollout import Next, NextAction, Phase, RolloutState, next_step
 from saferollout.specs import load_deployment_spec, load_endpoint_spec
 
-DRIVER = Path(__file__).parent / "rollout" / "driver.py"
+DRIVER = Path(__file__).parent / "driver.py"
 STEPS = [10, 50, 100]
 
 
@@ -109,28 +109,34 @@ def state_of(phase: Phase, **fields) -> RolloutState:
     (state_of(Phase.ROLLED_BACK, prod="blue", failed_rc="green", models={"green": "azureml:m:2"}), "deploy"),
 ])
 def test_next_step_resumes_from_the_phase(state, expected):
-    assert next_step(state, STEPS) == expected
+    assert str(next_step(state, STEPS)) == expected
 
 
 def test_next_step_is_done_when_prod_serves_the_model_or_its_rollout_was_rolled_back():
     models = {"blue": "azureml:m:1", "green": "azureml:m:2"}
     stable = state_of(Phase.STABLE, prod="green", models=models)
-    assert next_step(stable, STEPS, model="azureml:m:2") == "done"
-    assert next_step(stable, STEPS, model="azureml:m:3") == "deploy"
+    assert str(next_step(stable, STEPS, model="azureml:m:2")) == "done"
+    assert str(next_step(stable, STEPS, model="azureml:m:3")) == "deploy"
     rolled_back = state_of(Phase.ROLLED_BACK, prod="blue", failed_rc="green", models=models)
-    assert next_step(rolled_back, STEPS, model="azureml:m:2") == "done"
-    assert next_step(rolled_back, STEPS, model="azureml:m:3") == "deploy"
+    assert str(next_step(rolled_back, STEPS, model="azureml:m:2")) == "done"
+    assert str(next_step(rolled_back, STEPS, model="azureml:m:3")) == "deploy"
+
+
+def test_next_step_is_a_typed_action_whose_short_form_rollout_show_prints():
+    action = next_step(state_of(Phase.SHIFTING, prod="blue", rc="green", rc_percent=10, gates_passed=[10]), STEPS)
+    assert action == NextAction(Next.SHIFT, 50) and action.percent == 50 and str(action) == "shift:50"
+    assert next_step(state_of(Phase.PROMOTED, prod="green", old_prod="blue"), STEPS) == NextAction(Next.BAKE)
 
 
 def test_next_step_with_a_single_full_step_promotes_after_the_smoke_test():
-    assert next_step(state_of(Phase.SMOKE_TESTED, prod="blue", rc="green"), [100]) == "promote"
+    assert str(next_step(state_of(Phase.SMOKE_TESTED, prod="blue", rc="green"), [100])) == "promote"
 
 
 # ---- the phases on a real endpoint ------------------------------------------------------------------
 
 def test_missing_endpoint_reads_as_no_endpoint_and_deploying_to_it_says_to_create_it(local_backend, spec, models):
     state = rollout.read_state(local_backend, "ro-never-created")
-    assert state.phase == Phase.NO_ENDPOINT and next_step(state, STEPS) == "deploy"
+    assert state.phase == Phase.NO_ENDPOINT and str(next_step(state, STEPS)) == "deploy"
     with pytest.raises(NotFound, match="endpoint 'ro-never-created' does not exist: create it first"):
         rollout.deploy_candidate(local_backend, "ro-never-created", spec, models[0])
 
@@ -144,7 +150,7 @@ def test_first_release_deploys_prod_at_100_percent_and_running_it_again_changes_
     assert local_backend.get_endpoint(endpoint).tags[rollout.PROD_TAG] == "blue"
     dep = local_backend.get_deployment(endpoint, "blue")
     assert dep.tags[rollout.ROLE_TAG] == "prod" and dep.tags[rollout.MODEL_TAG] == models[0]
-    assert next_step(state, STEPS, model=models[0]) == "done"
+    assert str(next_step(state, STEPS, model=models[0])) == "done"
     again = rollout.deploy_candidate(local_backend, endpoint, spec, models[0])
     assert again == state
     assert [d.name for d in local_backend.list_deployments(endpoint)] == ["blue"]
@@ -174,7 +180,7 @@ def test_candidate_goes_through_every_phase_to_a_completed_rollout(local_backend
     assert (state.phase, state.prod, state.rc, state.rc_percent) == (Phase.RC_CREATED, "blue", "green", 0)
     assert state.rc_model == models[1] and state.prod_model == models[0]
     assert rollout.deploy_candidate(local_backend, endpoint, spec, models[1]) == state  # re-run reuses it
-    assert next_step(state, STEPS) == "smoke"
+    assert str(next_step(state, STEPS)) == "smoke"
 
     wrong = rollout.smoke_test(local_backend, endpoint, "green", bodies[:2], check=lambda answer: "too optimistic")
     assert not wrong.ok and wrong.failures == ["request 0: too optimistic", "request 1: too optimistic"]
@@ -188,18 +194,18 @@ def test_candidate_goes_through_every_phase_to_a_completed_rollout(local_backend
     assert smoke.ok and smoke.n == len(bodies) and smoke.failures == [] and len(smoke.latencies) == len(bodies)
     assert local_backend.request_samples(endpoint, deployment="green")  # it really went to green
     state = rollout.mark_smoke_tested(local_backend, endpoint)
-    assert state.phase == Phase.SMOKE_TESTED and next_step(state, STEPS) == "shift:10"
+    assert state.phase == Phase.SMOKE_TESTED and str(next_step(state, STEPS)) == "shift:10"
 
     state = rollout.shift_traffic(local_backend, endpoint, 10)
     assert (state.phase, state.traffic) == (Phase.SHIFTING, {"blue": 90, "green": 10})
     assert rollout.shift_traffic(local_backend, endpoint, 10) == state
-    assert next_step(state, STEPS) == "gate:10"
+    assert str(next_step(state, STEPS)) == "gate:10"
     state = rollout.mark_gate_passed(local_backend, endpoint)
-    assert state.gates_passed == [10] and next_step(state, STEPS) == "shift:50"
+    assert state.gates_passed == [10] and str(next_step(state, STEPS)) == "shift:50"
     with pytest.raises(Conflict, match="cannot delete the old PROD on .* in phase SHIFTING: promote first"):
         rollout.delete_old_prod(local_backend, endpoint)
     state = rollout.shift_traffic(local_backend, endpoint, 50)
-    assert state.traffic == {"blue": 50, "green": 50} and next_step(state, STEPS) == "gate:50"
+    assert state.traffic == {"blue": 50, "green": 50} and str(next_step(state, STEPS)) == "gate:50"
 
     state = rollout.promote(local_backend, endpoint)
     assert (state.phase, state.prod, state.old_prod, state.rc) == (Phase.PROMOTED, "green", "blue", None)
@@ -208,14 +214,14 @@ def test_candidate_goes_through_every_phase_to_a_completed_rollout(local_backend
     assert (tags[rollout.PROD_TAG], tags[rollout.OLD_PROD_TAG]) == ("green", "blue")
     assert rollout.RC_TAG not in tags
     assert rollout.promote(local_backend, endpoint) == state
-    assert next_step(state, STEPS) == "bake"
+    assert str(next_step(state, STEPS)) == "bake"
 
     state = rollout.delete_old_prod(local_backend, endpoint)
     assert (state.phase, state.prod, state.traffic) == (Phase.STABLE, "green", {"green": 100})
     assert [d.name for d in local_backend.list_deployments(endpoint)] == ["green"]
     assert rollout.OLD_PROD_TAG not in local_backend.get_endpoint(endpoint).tags
     assert rollout.delete_old_prod(local_backend, endpoint) == state
-    assert next_step(state, STEPS, model=models[1]) == "done"
+    assert str(next_step(state, STEPS, model=models[1])) == "done"
 
 
 def test_traffic_moves_to_the_rc_only_after_its_smoke_test_and_stops_mirroring_to_it(
