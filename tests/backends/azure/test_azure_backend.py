@@ -221,6 +221,33 @@ def test_a_deployment_that_fails_unwatched_says_why(azure, served, example_dir):
     assert "SAFEROLLOUT_FAULT=crash" in deployment.reason
 
 
+def test_a_failure_read_before_its_poller_has_seen_it_still_says_why(azure, fake, served, example_dir,
+                                                                      monkeypatch):
+    """The resource reads Failed while the operation's poller is still on its way back with the error (seen in a
+    fresh-clone CI run under load): the reason is still the operation's error, not a pointer to the logs."""
+    dispatch = fake.transport._dispatch
+    slowed = []
+
+    def slow_terminal_poll(wire):
+        answer = dispatch(wire)
+        if "mfeOperationsStatus" in wire.path and b'"Failed"' in answer.body:
+            slowed.append(wire.path)
+            time.sleep(1.0)  # the poller's answer arrives late; the resource already reads Failed
+        return answer
+
+    monkeypatch.setattr(fake.transport, "_dispatch", slow_terminal_poll)
+    spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
+    spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})
+    azure.create_deployment(spec, wait=False)
+    deadline = time.monotonic() + 120
+    while not slowed:  # the operation has ended: its terminal status is on its way back to the poller
+        assert time.monotonic() < deadline, "the operation never ended"
+        time.sleep(0.01)
+    deployment = azure.get_deployment(served, "green")
+    assert deployment.provisioning_state == "Failed"
+    assert "the scoring container crashed in init()" in deployment.reason
+
+
 def test_a_failed_deployment_this_backend_did_not_start_says_where_to_look(azure, fake, served, example_dir):
     spec = load_deployment_spec(example_dir / "deployment.yml", name="green", endpoint_name=served)
     spec = spec.with_changes(environment_variables={"SAFEROLLOUT_FAULT": "crash"})

@@ -37,6 +37,8 @@ from saferollout.specs import (DeploymentSpec, EndpointSpec, check_model_type, c
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 DEFAULT_WINDOW = timedelta(hours=1)
 DEFAULT_LOG_LINES = 500
+# how long a failed resource waits for its operation's poller to see the end (`_failure_reason`)
+OPERATION_SETTLE_S = 15.0
 
 
 def _lower_keys(mapping: dict[str, int]) -> dict[str, int]:
@@ -313,8 +315,18 @@ class AzureBackend:
         return deployment
 
     def _failure_reason(self, endpoint: str, name: str) -> str:
-        """Why a deployment failed: its operation's error when this backend started it, else where to look."""
+        """Why a deployment failed: its operation's error when this backend started it, else where to look.
+
+        The resource can read Failed before the operation's poller (a thread polling the operation's status)
+        has seen the end: the poller is given up to `OPERATION_SETTLE_S` to catch up, so that the reason is the
+        operation's error rather than a pointer to the logs (a fresh-clone CI run read the resource first).
+        """
         poller = self._started.get((endpoint.lower(), name.lower()))
+        if poller is not None and not poller.done():
+            try:
+                poller.wait(OPERATION_SETTLE_S)
+            except Exception:  # noqa: BLE001 - the operation's error: result() below raises it again
+                pass
         if poller is not None and poller.done():
             try:
                 with redirect_stdout(sys.stderr):
