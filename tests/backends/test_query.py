@@ -1,7 +1,8 @@
 """The metrics query language both backends speak: filters, grains, and queries refused with their reasons."""
 import pytest
 
-from saferollout.backends.query import grain_seconds, parse_filter, scope_of, validate_query
+from saferollout.backends.query import (ALWAYS, NEVER, BoolOp, grain_seconds, join, parse_filter, scope_of,
+                                        validate_query)
 from saferollout.errors import SpecError
 
 
@@ -42,3 +43,13 @@ def test_a_query_names_a_served_metric_and_splits_by_its_own_dimensions():
         validate_query("RequestLatency", "Average", ["statusCode"])
     with pytest.raises(SpecError, match="unknown metric 'DiskUtilization'"):
         validate_query("DiskUtilization", "Average", [], deployment_metrics=["CpuUtilizationPercentage"])
+
+
+def test_join_folds_always_and_never_away_as_true_and_false():
+    x = parse_filter("statusCodeClass eq '5xx'", ["statusCodeClass"])
+    assert join("and", x, ALWAYS) is x and join("and", ALWAYS, x) is x
+    assert join("and", x, NEVER) is NEVER and join("and", NEVER, x) is NEVER
+    assert join("or", x, ALWAYS) is ALWAYS and join("or", ALWAYS, x) is ALWAYS
+    assert join("or", x, NEVER) is x and join("or", NEVER, x) is x
+    both = join("or", x, x)
+    assert isinstance(both, BoolOp) and (both.op, both.left, both.right) == ("or", x, x)

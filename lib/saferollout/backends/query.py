@@ -91,20 +91,21 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
     return tokens
 
 
-def _parse_or(tokens, pos, text, dims):
-    left, pos = _parse_and(tokens, pos, text, dims)
-    while pos < len(tokens) and tokens[pos] == ("word", "or"):
-        right, pos = _parse_and(tokens, pos + 1, text, dims)
-        left = BoolOp("or", left, right)
+def _parse_chain(op, operand, tokens, pos, text, dims):
+    """`operand (op operand)*`, joined from the left: `or` over `and` chains, `and` over terms."""
+    left, pos = operand(tokens, pos, text, dims)
+    while pos < len(tokens) and tokens[pos] == ("word", op):
+        right, pos = operand(tokens, pos + 1, text, dims)
+        left = BoolOp(op, left, right)
     return left, pos
+
+
+def _parse_or(tokens, pos, text, dims):
+    return _parse_chain("or", _parse_and, tokens, pos, text, dims)
 
 
 def _parse_and(tokens, pos, text, dims):
-    left, pos = _parse_term(tokens, pos, text, dims)
-    while pos < len(tokens) and tokens[pos] == ("word", "and"):
-        right, pos = _parse_term(tokens, pos + 1, text, dims)
-        left = BoolOp("and", left, right)
-    return left, pos
+    return _parse_chain("and", _parse_term, tokens, pos, text, dims)
 
 
 def _parse_term(tokens, pos, text, dims):
@@ -135,15 +136,21 @@ def scope_of(node: Any) -> Any:
     if isinstance(node, Comparison):
         return node if node.dimension == "deployment" else ALWAYS
     if isinstance(node, BoolOp):
-        left, right = scope_of(node.left), scope_of(node.right)
-        if node.op == "or" and (left is ALWAYS or right is ALWAYS):
-            return ALWAYS
-        if left is ALWAYS:
-            return right
-        if right is ALWAYS:
-            return left
-        return BoolOp(node.op, left, right)
+        return join(node.op, scope_of(node.left), scope_of(node.right))
     return ALWAYS
+
+
+def join(op: str, left: Any, right: Any) -> Any:
+    """`left op right` with ALWAYS (true) and NEVER (false) folded away: `x and ALWAYS` is x, `x or ALWAYS`
+    is ALWAYS, `x and NEVER` is NEVER, `x or NEVER` is x."""
+    absorbing, neutral = (NEVER, ALWAYS) if op == "and" else (ALWAYS, NEVER)
+    if left is absorbing or right is absorbing:
+        return absorbing
+    if left is neutral:
+        return right
+    if right is neutral:
+        return left
+    return BoolOp(op, left, right)
 
 
 

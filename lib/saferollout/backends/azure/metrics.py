@@ -18,8 +18,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, MetricPoint, MetricSeries
-from saferollout.backends.query import (ALWAYS, NEVER, BoolOp, Comparison, grain_seconds, parse_filter, scope_of,
-                                        validate_query)
+from saferollout.backends.query import (ALWAYS, NEVER, BoolOp, Comparison, grain_seconds, join, parse_filter,
+                                        scope_of, validate_query)
 from saferollout.errors import BackendError, SpecError
 
 NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
@@ -249,15 +249,7 @@ def _for_deployment(node: Any, name: str) -> Any:
         if node.op == "or" and _mentions_deployment(node.left) != _mentions_deployment(node.right):
             raise SpecError("a deployment metric's filter joins `deployment eq` comparisons to the others with "
                             f"`and` only; got {render(node)!r}: query each deployment on its own instead")
-        left, right = _for_deployment(node.left, name), _for_deployment(node.right, name)
-        absorbing, neutral = (NEVER, ALWAYS) if node.op == "and" else (ALWAYS, NEVER)
-        if left is absorbing or right is absorbing:
-            return absorbing
-        if left is neutral:
-            return right
-        if right is neutral:
-            return left
-        return BoolOp(node.op, left, right)
+        return join(node.op, _for_deployment(node.left, name), _for_deployment(node.right, name))
     return node
 
 
