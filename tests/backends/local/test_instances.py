@@ -137,6 +137,41 @@ def test_an_instance_listens_on_loopback_only(tmp_path):
     assert asyncio.run(scenario()) == {"0100007F"}  # 127.0.0.1, and nothing on 0.0.0.0 or ::
 
 
+def unix_listeners(pids: list[int]) -> list[str]:
+    """Paths of the listening unix sockets any of `pids` holds (/proc/net/unix: flag 00010000 is listening)."""
+    listening = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000:
+            listening[f"socket:[{fields[6]}]"] = fields[7] if len(fields) > 7 else "(unnamed)"
+    held = []
+    for pid in pids:
+        try:
+            held += [listening[link] for fd in Path(f"/proc/{pid}/fd").iterdir()
+                     if (link := os.readlink(fd)) in listening]
+        except OSError:
+            continue
+    return held
+
+
+def test_an_instance_opens_no_control_socket(tmp_path):
+    """gunicorn 25+ opens a control socket (`gunicornc` can resize or stop it) at $XDG_RUNTIME_DIR/gunicorn.ctl
+    or ~/.gunicorn/gunicorn.ctl, one path for every instance: the platform alone manages its instances."""
+    home = tmp_path / "home"
+    home.mkdir()
+
+    async def scenario() -> list[str]:
+        inst = echo_instance(tmp_path)
+        inst.config.environment_variables = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
+        try:
+            assert await inst.start(), inst.reason + tail(tmp_path / "instance.log")
+            return unix_listeners(group_members(inst.process.pid))
+        finally:
+            await inst.stop(drain_s=0)
+    assert asyncio.run(scenario()) == []
+    assert not (home / ".gunicorn").exists()
+
+
 def test_a_killed_instance_leaves_no_worker_serving_its_old_port(tmp_path):
     async def scenario() -> None:
         inst = echo_instance(tmp_path)

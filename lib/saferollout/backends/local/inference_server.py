@@ -59,8 +59,20 @@ def main() -> None:
     amlserver.DEFAULT_HOST = LOOPBACK
     _master_pid = os.getpid()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)  # gunicorn uses os.fork
+    _no_control_socket()
     sys.argv[0] = "azmlinfsrv"
     amlserver.run()
+
+
+def _no_control_socket() -> None:
+    """gunicorn 25.1+ opens a control socket by default (`gunicornc` resizes, reloads or stops the server through
+    it) at $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl: one path outside the workspace for every
+    instance, each new one taking it over. The platform alone manages its instances, so it is turned off, through
+    GUNICORN_CMD_ARGS (azmlinfsrv builds gunicorn's command line itself; gunicorn adds these settings to it)."""
+    from gunicorn import config
+
+    if hasattr(config, "ControlSocketDisable"):
+        os.environ["GUNICORN_CMD_ARGS"] = f"{os.environ.get('GUNICORN_CMD_ARGS', '')} --no-control-socket".strip()
 
 
 if __name__ == "__main__":
