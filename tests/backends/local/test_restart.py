@@ -86,6 +86,9 @@ def test_sigkill_of_the_platform_takes_its_instances_and_a_start_brings_all_back
     pid = json.loads((backend.home / "platform.json").read_text())["pid"]
     old_pids = instance_pids(backend, endpoint)
     assert len(old_pids) >= 4
+    # on record before the kill (a query writes the pending batch; a SIGKILL loses at most the last 0.2 s of
+    # requests, which run alone, with no test before it, would be all of `kept`'s)
+    assert len(backend.request_samples(endpoint, start=started, end=time.time())) >= 20
     os.kill(pid, signal.SIGKILL)
     # PR_SET_PDEATHSIG: no instance outlives the platform, so none keeps a port or a model loaded
     wait_for(lambda: not any(pid_alive(p) for p in old_pids), 15, what="instances to die with the platform")
