@@ -181,7 +181,11 @@ def validate_query(metric: str, aggregation: str, split_by: Iterable[str], *,
         raise SpecError(f"unknown metric {metric!r}: choose one of {', '.join((*METRIC_NAMES, *served))}")
     if aggregation not in AGGREGATIONS:
         raise SpecError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
-    dims = METRIC_DIMENSIONS.get(metric) or DEPLOYMENT_METRIC_DIMENSIONS[metric]
+    return split_dimensions(metric, METRIC_DIMENSIONS.get(metric) or DEPLOYMENT_METRIC_DIMENSIONS[metric], split_by)
+
+
+def split_dimensions(metric: str, dims: Sequence[str], split_by: Iterable[str]) -> tuple[str, ...]:
+    """The split-by names as `metric`'s dimensions `dims` spell them (matched without case), or SpecError."""
     canonical = {d.lower(): d for d in dims}
     split = []
     for name in split_by:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from saferollout.backends.base import DEPLOYMENT_METRIC_DIMENSIONS, METRIC_DIMENSIONS, MetricPoint, MetricSeries
 from saferollout.backends.query import (ALWAYS, NEVER, BoolOp, Comparison, grain_seconds, join, parse_filter,
-                                        scope_of, validate_query)
+                                        scope_of, split_dimensions, validate_query)
 from saferollout.errors import BackendError, SpecError
 
 NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
@@ -261,12 +261,7 @@ def query_deployment_series(client: Any, endpoint_id: str, all_deployments: Sequ
     dims = DEPLOYMENT_METRIC_DIMENSIONS[metric]
     if aggregation not in INSTANCE_AGGREGATIONS:
         raise SpecError(f"{metric} is reported as {', '.join(INSTANCE_AGGREGATIONS)}; got aggregation {aggregation!r}")
-    canonical = {d.lower(): d for d in dims}
-    split = []
-    for name in split_by:
-        if name.lower() not in canonical:
-            raise SpecError(f"cannot split {metric} by {name!r}: its dimensions are {', '.join(dims)}")
-        split.append(canonical[name.lower()])
+    split = split_dimensions(metric, dims, split_by)
     node = parse_filter(filter_text, dims)
     named = _deployments_named(node)
     deployments = named or ([] if "deployment" not in split else list(all_deployments))
