@@ -85,6 +85,21 @@ def test_model_tags_of_the_wrong_shape_are_400(local_backend, tmp_path):
     assert resp.json()["error"]["message"] == 'invalid tags: expected a mapping of names to text values, got "x"'
 
 
+@pytest.mark.parametrize("model_type, message", [
+    ("foo", "model type must be one of custom_model, mlflow_model, triton_model, got 'foo'"),
+    ("mlflow_model", "cannot be registered as mlflow_model: it is not a folder with an MLmodel file"),
+])
+def test_a_model_type_the_control_api_cannot_serve_is_400_and_nothing_is_registered(local_backend, tmp_path,
+                                                                                    model_type, message):
+    """The CLI and LocalBackend check a model's type first; a client calling the control API directly gets the
+    same check from the platform itself."""
+    (tmp_path / "m.bin").write_bytes(b"x")
+    resp = control(local_backend, "POST", "/models", json={"name": "typed", "path": str(tmp_path / "m.bin"),
+                                                          "type": model_type})
+    assert resp.status_code == 400 and message in resp.json()["error"]["message"]
+    assert local_backend.list_models("typed") == []
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"max_concurrent_requests_per_instance": 0},
      "request_settings.max_concurrent_requests_per_instance must be at least 1"),

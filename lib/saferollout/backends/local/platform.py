@@ -24,9 +24,9 @@ from saferollout.backends.local.metrics import RequestLog
 from saferollout.backends.local.store import Store, new_key
 from saferollout.backends.local.workspace import admin_token, log_max_bytes
 from saferollout.errors import Conflict, NotFound, SpecError
-from saferollout.specs import (DeploymentSpec, ProbeSettings, _probe, _request_settings, check_no_code_model,
-                               deployment_spec_from_dict, endpoint_spec_from_dict, model_type_of, parse_model_ref,
-                               validate_mirror, validate_model_name, validate_traffic)
+from saferollout.specs import (DeploymentSpec, ProbeSettings, _probe, _request_settings, check_model_type,
+                               check_no_code_model, deployment_spec_from_dict, endpoint_spec_from_dict, model_type_of,
+                               parse_model_ref, validate_mirror, validate_model_name, validate_traffic)
 
 log = logging.getLogger("saferollout.platform")
 TOKEN_TTL_ENV = "SAFEROLLOUT_TOKEN_TTL_S"
@@ -213,13 +213,14 @@ class Platform:
 
     # ---- models -----------------------------------------------------------------------------
     async def register_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Checked here whoever calls (the CLI and LocalBackend check first too), before anything is copied."""
         name = validate_model_name(body.get("name"))
-        string_map(body.get("tags") or {}, "tags"), string_map(body.get("properties") or {}, "properties")
-        staged = await asyncio.to_thread(self.store.copy_model, body.get("path") or "")  # off the event loop
-        return self.store.add_model(name, staged, str(body.get("description") or ""),
-                                    string_map(body.get("tags") or {}, "tags"),
-                                    string_map(body.get("properties") or {}, "properties"),
-                                    str(body.get("type") or "custom_model"))
+        tags = string_map(body.get("tags") or {}, "tags")
+        properties = string_map(body.get("properties") or {}, "properties")
+        path = body.get("path") or ""
+        model_type = check_model_type(path, str(body.get("type") or "custom_model"))
+        staged = await asyncio.to_thread(self.store.copy_model, path)  # off the event loop
+        return self.store.add_model(name, staged, str(body.get("description") or ""), tags, properties, model_type)
 
     async def resolve_model(self, endpoint: str, deployment: str,
                             model: str | None) -> tuple[str | None, str | None]:
