@@ -260,14 +260,11 @@ def gate_config(backend: Backend, gates: str | list[dict] | None,
     """
     from saferollout import gates as gate_module
 
-    if gates in (None, "", "auto", "default"):
-        chosen = gate_module.DEFAULT_GATES if backend.supports_raw_samples else gate_module.AGGREGATE_GATES
-    elif gates == "aggregate":
-        chosen = gate_module.AGGREGATE_GATES
-    elif gates == "bake":
+    chosen = gate_module.named_gate_list(gates, backend.supports_raw_samples)
+    if chosen is None and gates == "bake":
         chosen = bake_gates(backend, window_s)
-    else:
-        return gates
+    if chosen is None:
+        return gates or []  # the user's own list (None and "" are named lists, so never reach here)
     return [{**entry, **(overrides or {}).get(entry["kind"], {})} for entry in chosen]
 
 
@@ -298,7 +295,9 @@ def plan_gates(backend: Backend, endpoint_name: str, gates: str | list[dict] | N
                prod: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> tuple[list[Any], list[dict]]:
     """(the gates to run, the gates left out with why): choose_gates, then for a named list (`auto`,
     `aggregate`) only the gates whose evidence can exist on this rollout (leave_out_gates)."""
-    named = gates is None or (isinstance(gates, str) and gates.strip() in ("", "auto", "default", "aggregate"))
+    from saferollout import gates as gate_module
+
+    named = gate_module.is_named_gate_list(gates)
     if not named and gates is not None:  # the user's own list: it keeps its settings; the request file fills
         gates = with_request_settings(gates, (overrides or {}).get("ml_agreement", {}))  # what it leaves out
     built = choose_gates(backend, gates, window_s, overrides)

@@ -9,7 +9,7 @@ from saferollout.errors import SpecError
 BACKEND_NAMES = ("local", "azure")
 
 
-def backend_class(name: str) -> type:
+def backend_class(name: str) -> type[Backend]:
     """The class of the backend called `name`, without connecting to anything (its capabilities are class
     attributes: `supports_raw_samples`, `supports_mirrored_pairs`, `metrics_delay_s`)."""
     if name == "local":

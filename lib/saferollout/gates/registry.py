@@ -42,17 +42,37 @@ AGGREGATE_GATES: list[dict[str, Any]] = [
 ]
 
 
+NAMED_GATE_LISTS = ("", "auto", "default", "aggregate")  # `gates:` names the runbook takes besides a list
+
+
+def is_named_gate_list(gates: Any) -> bool:
+    return gates is None or (isinstance(gates, str) and gates.strip() in NAMED_GATE_LISTS)
+
+
+def named_gate_list(gates: Any, supports_raw_samples: bool) -> list[dict[str, Any]] | None:
+    """The entries of a named gate list on a backend with or without raw samples: `auto` (or `default`, or
+    nothing) is DEFAULT_GATES where per-request samples exist, else AGGREGATE_GATES; `aggregate` is
+    AGGREGATE_GATES. None when `gates` is not one of those names."""
+    if not is_named_gate_list(gates):
+        return None
+    name = gates.strip() if isinstance(gates, str) else ""
+    return DEFAULT_GATES if supports_raw_samples and name != "aggregate" else AGGREGATE_GATES
+
+
 def preview_gates(gates: Any, parameters: dict[str, Any]) -> tuple[list[str], list[dict[str, str]]] | None:
     """For the plan printed when a run starts: the gates a named list (`auto`, `aggregate`) holds on the
     run's backend, and those already known to be left out, with why (the offline-quality gate, when the model
     is a file or folder the register step registers without offline metrics). None for the user's own list
     (kept whole). The validate step decides the rest once both models are registered, and lists them."""
-    if isinstance(gates, str):
-        gates = gates.strip()
-    if gates not in (None, "", "auto", "default", "aggregate"):
+    from saferollout.backends import backend_class  # its capabilities, without connecting to anything
+
+    try:
+        raw = backend_class(str(parameters.get("backend") or "local")).supports_raw_samples
+    except SpecError:  # an unknown backend: the run refuses it with its own message
         return None
-    raw = str(parameters.get("backend") or "local") == "local"
-    chosen = DEFAULT_GATES if raw and gates != "aggregate" else AGGREGATE_GATES
+    chosen = named_gate_list(gates, raw)
+    if chosen is None:
+        return None
     model = str(parameters.get("model") or "")
     if not model and parameters.get("deployment_file"):
         try:
