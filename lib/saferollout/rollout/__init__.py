@@ -67,7 +67,6 @@ __all__ = [
     "OLD_PROD_TAG",
     "PROD_TAG",
     "Phase",
-    "RULES",
     "RC_TAG",
     "ROLE_TAG",
     "ROLLBACK_REASON_TAG",
