@@ -12,6 +12,7 @@ MLflow model without one: a model folder holding an `MLmodel` file, or a registe
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
@@ -127,11 +128,12 @@ def _int(value: Any, what: str, minimum: int | None = None, maximum: int | None 
     return number
 
 
-def _str_map(value: Any, what: str) -> dict[str, str]:
+def string_map(value: Any, what: str) -> dict[str, str]:
+    """Tags, properties, environment variables: a mapping of names to string values (None becomes '')."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise SpecError(f"{what} must be a mapping of names to values, got {type(value).__name__}")
+        raise SpecError(f"{what} must be a mapping of names to values, got {json.dumps(value, default=str)}")
     return {str(k): "" if v is None else str(v) for k, v in value.items()}
 
 
@@ -297,8 +299,8 @@ def endpoint_spec_from_dict(data: Mapping[str, Any], what: str = "endpoint") -> 
         name=validate_name(data["name"]),
         auth_mode=auth_mode,
         description=str(data.get("description") or ""),
-        tags=_str_map(data.get("tags"), "tags"),
-        properties=_str_map(data.get("properties"), "properties"),
+        tags=string_map(data.get("tags"), "tags"),
+        properties=string_map(data.get("properties"), "properties"),
         traffic=traffic,
         mirror_traffic=mirror,
         extra={k: v for k, v in data.items() if k in ENDPOINT_KEYS - {
@@ -415,9 +417,9 @@ def deployment_spec_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".
         request_settings=_request_settings(data.get("request_settings")),
         liveness_probe=_probe(data.get("liveness_probe"), "liveness_probe", ProbeSettings()),
         readiness_probe=_probe(data.get("readiness_probe"), "readiness_probe", ProbeSettings()),
-        environment_variables=_str_map(data.get("environment_variables"), "environment_variables"),
-        tags=_str_map(data.get("tags"), "tags"),
-        properties=_str_map(data.get("properties"), "properties"),
+        environment_variables=string_map(data.get("environment_variables"), "environment_variables"),
+        tags=string_map(data.get("tags"), "tags"),
+        properties=string_map(data.get("properties"), "properties"),
         description=str(data.get("description") or ""),
         extra={k: v for k, v in data.items() if k not in recorded},
     )
@@ -449,8 +451,8 @@ def load_model_spec(path: str | Path) -> ModelSpec:
         name=validate_model_name(data["name"]),
         path=_resolve(path.parent, str(data["path"])),
         description=str(data.get("description") or ""),
-        tags=_str_map(data.get("tags"), "tags"),
-        properties=_str_map(data.get("properties"), "properties"),
+        tags=string_map(data.get("tags"), "tags"),
+        properties=string_map(data.get("properties"), "properties"),
         type=str(data.get("type") or "custom_model"),
     )
 

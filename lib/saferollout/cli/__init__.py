@@ -53,14 +53,14 @@ from typing import Sequence
 
 from saferollout.cli import deployments, endpoints, local, metrics, models
 from saferollout.cli.backend_factory import AZURE_SETTINGS_FLAGS, BackendFactory
-from saferollout.cli.editor import apply_remove, apply_set, parse_assignment, string_map
+from saferollout.cli.editor import apply_remove, apply_set, parse_assignment
 from saferollout.cli.metrics import metrics_window
 from saferollout.cli.options import BACKEND_ENV, ArgumentParser, common_options, name_type
 from saferollout.errors import SafeRolloutError
 from saferollout.output import OUTPUT_FORMATS, compile_query
 
 __all__ = ["AZURE_SETTINGS_FLAGS", "BackendFactory", "EXTRA_COMMAND_MODULES", "apply_remove", "apply_set",
-           "build_parser", "common_options", "main", "metrics_window", "name_type", "parse_assignment", "string_map"]
+           "build_parser", "common_options", "main", "metrics_window", "name_type", "parse_assignment"]
 
 EXTRA_COMMAND_MODULES: list[str] = ["saferollout.cli.traffic", "saferollout.cli.run", "saferollout.cli.rollout"]
 

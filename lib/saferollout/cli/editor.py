@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from saferollout.errors import (SpecError, UsageError)
+from saferollout.errors import UsageError
 
 
 # `--set` values under these keys stay strings (a tag "007" must not become the number 7).
@@ -59,11 +59,4 @@ def apply_remove(data: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def string_map(value: Any, what: str) -> dict[str, str]:
-    """Tags and properties: a mapping of names to string values (None becomes '')."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise SpecError(f"{what} must be a mapping of names to values, got {json.dumps(value)}")
-    return {str(k): "" if v is None else str(v) for k, v in value.items()}
 

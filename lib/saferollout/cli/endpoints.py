@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from saferollout.errors import (BackendError, SpecError, UsageError)
-from saferollout.specs import (endpoint_spec_from_dict, parse_traffic, read_yaml)
+from saferollout.specs import (endpoint_spec_from_dict, parse_traffic, read_yaml, string_map)
 from saferollout.cli.options import (add_group, add_name, add_set_remove, add_verb, add_wait_flags, add_yes,
                                      common_options, confirm, name_type, print_result)
-from saferollout.cli.editor import apply_remove, apply_set, string_map
+from saferollout.cli.editor import apply_remove, apply_set
 
 
 ENDPOINT_UPDATABLE = ("traffic", "mirror_traffic", "tags", "description")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from saferollout.errors import (Conflict, SpecError, UsageError)
-from saferollout.specs import (load_model_spec, read_yaml, validate_model_name)
+from saferollout.specs import (load_model_spec, read_yaml, string_map, validate_model_name)
 from saferollout.cli.options import (add_group, add_name, add_set_remove, add_verb, common_options, print_result)
-from saferollout.cli.editor import apply_set, parse_assignment, string_map
+from saferollout.cli.editor import apply_set, parse_assignment
 
 
 MODEL_TYPES = ("custom_model", "mlflow_model", "triton_model")
