@@ -4,11 +4,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from saferollout.backends.local import instances
 from saferollout.backends.local.instances import (Instance, InstanceConfig, free_port, group_members, rotate_log,
                                                   tail)
 from saferollout.processes import pid_alive
@@ -66,6 +69,165 @@ def test_a_malformed_or_cut_answer_is_a_connection_error(answer):
 def test_nothing_listening_is_an_os_error():
     with pytest.raises(OSError):
         asyncio.run(instance(free_port()).score(b"{}", "application/json"))
+
+
+# ---- connections opened ahead, against a server that works as gunicorn's sync worker -----------------------
+
+class SyncWorker:
+    """gunicorn's sync worker in miniature: one connection at a time, accepted in order, a blocking read of its
+    request, one answer, close. `connections` holds, per accepted connection in accept order, the request line
+    (b"" while it waits for one, None when it closed without one); those in `close_unread` are closed at once."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+
+    def __init__(self, close_unread: frozenset[int] = frozenset()):
+        self.close_unread = close_unread
+        self.connections: list[bytes | None] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "SyncWorker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            index = len(self.connections)
+            self.connections.append(b"")
+            with conn:
+                conn.settimeout(None)  # blocking, as the sync worker reads
+                request = b"" if index in self.close_unread else self._read(conn)
+                if not request:
+                    self.connections[index] = None
+                    continue
+                self.connections[index] = request.split(b"\r\n", 1)[0]
+                conn.sendall(self.ANSWER)
+
+    def _read(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return data
+
+
+POST = b"POST /score HTTP/1.0"
+
+
+@pytest.fixture
+def patient_spares(monkeypatch):
+    """Connections opened ahead wait 30 s for a request, so a test sees them before they are closed."""
+    monkeypatch.setattr(instances, "SPARE_IDLE_S", 30.0)
+
+
+def test_the_next_request_finds_its_connection_already_open(patient_spares):
+    async def scenario(worker: SyncWorker) -> None:
+        inst = instance(worker.port)
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        # the next request's connection is open, and the worker waits on it, before that request exists
+        assert await until(lambda: worker.connections == [POST, b""], 5), worker.connections
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        assert await until(lambda: worker.connections == [POST, POST, b""], 5), worker.connections
+        inst.close_connections()
+        assert await until(lambda: worker.connections == [POST, POST, None], 5), worker.connections
+
+    with SyncWorker() as worker:
+        asyncio.run(scenario(worker))
+
+
+def test_probes_and_swagger_take_the_open_connection_instead_of_queueing_behind_it(patient_spares):
+    """A probe on a connection of its own would wait behind the one the sync worker holds, and fail."""
+    async def scenario(worker: SyncWorker) -> None:
+        inst = instance(worker.port)
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        assert await until(lambda: worker.connections == [POST, b""], 5)
+        assert await inst._probe(2.0)
+        assert await inst.get("/swagger.json?version=2") == (200, b"{}")
+        assert worker.connections[:3] == [POST, b"GET / HTTP/1.0", b"GET /swagger.json?version=2 HTTP/1.0"]
+        inst.close_connections()
+
+    with SyncWorker() as worker:
+        asyncio.run(scenario(worker))
+
+
+def test_an_unused_connection_is_closed_soon_freeing_the_worker(monkeypatch):
+    monkeypatch.setattr(instances, "SPARE_IDLE_S", 0.05)
+
+    async def scenario(worker: SyncWorker) -> None:
+        inst = instance(worker.port)
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        assert await until(lambda: worker.connections == [POST, None], 5), worker.connections
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")  # a new one, as there is none open
+        assert await until(lambda: worker.connections == [POST, None, POST, None], 5), worker.connections
+
+    with SyncWorker() as worker:
+        asyncio.run(scenario(worker))
+
+
+def test_a_connection_the_instance_closed_before_its_request_is_skipped(patient_spares):
+    async def scenario(worker: SyncWorker) -> None:
+        inst = instance(worker.port)
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        assert await until(lambda: worker.connections == [POST, None], 5)
+        opened = inst._opened[0].task
+        assert await until(lambda: opened.done() and opened.result()[1].closed, 5)  # and we saw it close
+        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        assert worker.connections[:3] == [POST, None, POST]
+        inst.close_connections()
+
+    with SyncWorker(close_unread=frozenset({1})) as worker:
+        asyncio.run(scenario(worker))
+
+
+def test_a_request_that_times_out_closes_its_connection(patient_spares):
+    """The worker holds a request it never answers; the caller's timeout closes the connection (EOF)."""
+    async def scenario(port: int, accepted: list) -> None:
+        inst = instance(port)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(inst.score(b"{}", "application/json"), 0.3)
+        inst.close_connections()
+        assert await until(lambda: len(accepted) == 2 and all(a.done() for a in accepted), 5)
+        assert [a.result() for a in accepted] == [b"{}", b""]  # the rest of each, to EOF: closed by us
+
+    async def main() -> None:
+        accepted: list[asyncio.Future] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            done = asyncio.get_running_loop().create_future()
+            accepted.append(done)
+            await reader.readuntil(b"\r\n\r\n") if len(accepted) == 1 else None
+            done.set_result(await reader.read())  # b"" at EOF
+            writer.close()
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        async with server:
+            await scenario(server.sockets[0].getsockname()[1], accepted)
+
+    asyncio.run(main())
+
+
+def test_a_path_that_cannot_go_on_a_request_line_is_refused():
+    with pytest.raises(ValueError, match="not a path"):
+        asyncio.run(instance(free_port()).get("/swagger.json?a b\r\nX: y"))
 
 
 # ---- a real instance: what it listens on, and what a kill -9 leaves behind ---------------------------

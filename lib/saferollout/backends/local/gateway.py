@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-import aiohttp
 import uvloop
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
@@ -330,8 +329,10 @@ class Gateway:
         query = f"?{request.query_string}" if request.query_string else ""
         try:
             status, payload = await inst.get(f"/swagger.json{query}")
-        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return _reply(424, f"model server is unavailable: {exc}", request_id, pool.name)
+        except ValueError as exc:
+            return _reply(400, f"{exc}", request_id, pool.name)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return _reply(424, f"model server is unavailable: {str(exc) or 'no answer within 30 s'}", request_id, pool.name)
         return Response(status, payload, "application/json",
                         {DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id, "x-ms-request-id": request_id})
 

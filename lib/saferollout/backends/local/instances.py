@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import aiohttp
 import httptools
 
 from saferollout.backends.local import mlflow_scoring
@@ -45,6 +44,8 @@ STARTUP_NICENESS = 10
 LOG_MAX_BYTES = 10 * 1024 * 1024  # as platform.log (SAFEROLLOUT_LOG_MAX_BYTES)
 LOG_BACKUPS = 3
 LOG_CHECK_S = 5.0  # how often a running instance's log size is checked
+SPARE_IDLE_S = 0.2  # a connection opened ahead that no request took by then is closed (see Instance._exchange)
+GET_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -93,19 +94,32 @@ class InstanceConfig:
 
 
 class _Exchange(asyncio.Protocol):
-    """One request written on connect; the answer, read by httptools' parser, resolves `answer`."""
+    """One connection to an instance, for one request: the request written in one write, the answer parsed by
+    httptools on a bare protocol (no stream reader or writer). Opened before its request is known (see
+    `Instance._exchange`), so it may also be closed by the instance before `send`: then `closed` is set."""
 
-    def __init__(self, request: bytes, answer: asyncio.Future, instance: str):
-        self._request = request
-        self._answer = answer
+    def __init__(self, instance: str):
         self._instance = instance
         self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
         self._body: list[bytes] = []
         self._status = 0
         self._length_given = False
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self._request)  # type: ignore[attr-defined]
+        self._transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        """Write `request`; the future resolves to (HTTP status, answer) or fails with ConnectionError."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self._transport.write(request)  # type: ignore[union-attr]
+        return self._answer
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -124,10 +138,13 @@ class _Exchange(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if not self._answer.done():
+        if self._answer is not None and not self._answer.done():
             self._answer.set_result((self._status, b"".join(self._body)))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._answer is None:  # closed by the instance before a request was sent
+            self.closed = True
+            return
         if self._answer.done():
             return
         if self._status and not self._length_given:  # an HTTP/1.0 answer without a length ends at close
@@ -137,8 +154,23 @@ class _Exchange(asyncio.Protocol):
                        + (f" ({exc})" if exc else ""))
 
     def _fail(self, why: str) -> None:
-        if not self._answer.done():
+        if self._answer is not None and not self._answer.done():
             self._answer.set_exception(ConnectionError(f"{self._instance} sent an incomplete or malformed answer: {why}"))
+
+
+@dataclass
+class _Opened:
+    """A connection to an instance opened ahead of the request that will use it."""
+    task: asyncio.Task  # loop.create_connection: (transport, _Exchange)
+    idle: asyncio.TimerHandle | None = None
+
+    def discard(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        if not self.task.done():
+            self.task.cancel()
+        elif not self.task.cancelled() and self.task.exception() is None:  # exception() also marks it seen
+            self.task.result()[1].close()
 
 
 class Instance:
@@ -158,6 +190,7 @@ class Instance:
         self._log_rotation: asyncio.Task | None = None
         self._stopping = False
         self._ready_event = asyncio.Event()
+        self._opened: deque[_Opened] = deque()  # connections opened ahead, oldest first
 
     @property
     def name(self) -> str:
@@ -168,30 +201,75 @@ class Instance:
         return self.state == "ready"
 
     async def score(self, body: bytes, content_type: str) -> tuple[int, bytes]:
-        """POST `body` to this instance's /score: (HTTP status, answer). OSError if it cannot be reached.
-
-        One HTTP/1.0 exchange on a fresh connection, sent in one write, the answer parsed by httptools on a
-        bare protocol (no stream reader or writer). The inference server's gunicorn sync worker closes every
-        connection after one answer, so a pooling client has nothing to reuse; this is the gateway's hop to
-        the model, and costs a fraction of aiohttp's client (measured for bench/gateway.py).
-        """
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        request = (b"POST /score HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-                   % (content_type.encode("latin-1"), len(body), body))
-        transport, _ = await loop.create_connection(lambda: _Exchange(request, answer, self.name),
-                                                    "127.0.0.1", self.port)
-        try:
-            return await answer
-        finally:
-            transport.close()
+        """POST `body` to this instance's /score: (HTTP status, answer). OSError if it cannot be reached."""
+        return await self._exchange(
+            b"POST /score HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (content_type.encode("latin-1"), len(body), body))
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """GET `path` from this instance (e.g. its /swagger.json): (HTTP status, answer)."""
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.port}{path}",
-                                   timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                return resp.status, await resp.read()
+        if not path.startswith("/") or not all(0x21 <= ord(c) < 0x7f for c in path):
+            raise ValueError(f"not a path to ask an instance for: {path!r}")
+        return await asyncio.wait_for(self._exchange(b"GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()),
+                                      GET_TIMEOUT_S)
+
+    async def _exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send `request` on the oldest connection opened ahead (a new one if there is none), open the next one.
+
+        The inference server's gunicorn sync worker closes every connection after one answer, so there is nothing
+        to keep alive; instead the connection for the next request is opened as soon as one is taken. That takes
+        the connect, and the worker's accept, out of the next request's time: at concurrency 1 on the credit model
+        the gateway's p50 went from 1.14-1.15 to 1.00 of the direct path's (bench/gateway.py, docs/benchmarks.md).
+        A sync worker that accepted a connection waits on it for its request, so every request the platform sends
+        an instance (scoring, mirror copies, probes, swagger) comes through here and takes the oldest connection:
+        the kernel's accept queue is first in, first out, so the one connection left waiting is always the last
+        in the worker's queue, and when no request comes for SPARE_IDLE_S it is closed, freeing the worker. A
+        caller from outside the platform (nothing on Azure can reach an instance) may wait that long for it.
+        A connection the instance closed before its request was sent, or that could not be opened, is skipped
+        once for the next; an answer that breaks after the request was sent is never retried.
+        """
+        failure: OSError | None = None
+        for _ in range(2):
+            opened = self._opened.popleft() if self._opened else self._open(spare=False)
+            if not self._opened:
+                self._opened.append(self._open(spare=True))
+            if opened.idle is not None:
+                opened.idle.cancel()
+            try:
+                _, exchange = await opened.task
+            except OSError as exc:
+                failure = exc
+                continue
+            if exchange.closed:
+                failure = ConnectionError(f"{self.name} closed the connection before the request was sent")
+                continue
+            try:
+                return await exchange.send(request)
+            finally:
+                exchange.close()
+        assert failure is not None
+        raise failure
+
+    def _open(self, spare: bool) -> _Opened:
+        loop = asyncio.get_running_loop()
+        opened = _Opened(loop.create_task(loop.create_connection(functools.partial(_Exchange, self.name),
+                                                                 "127.0.0.1", self.port)))
+        if spare:
+            opened.idle = loop.call_later(SPARE_IDLE_S, self._drop_spare, opened)
+        return opened
+
+    def _drop_spare(self, opened: _Opened) -> None:
+        """The connection opened ahead waited SPARE_IDLE_S for a request: close it, freeing the worker it holds."""
+        try:
+            self._opened.remove(opened)
+        except ValueError:
+            return
+        opened.discard()
+
+    def close_connections(self) -> None:
+        """Close the connections opened ahead (the instance is stopping, or restarting on a new port)."""
+        while self._opened:
+            self._opened.popleft().discard()
 
     def describe(self) -> dict:
         return {"name": self.name, "state": self.state, "port": self.port, "restarts": self.restarts,
@@ -219,6 +297,7 @@ class Instance:
 
     async def _spawn_until_ready(self) -> bool:
         self._set_state("starting")
+        self.close_connections()  # opened to the old port
         self.port, self.health_port = free_port(), free_port()
         await self._spawn()
         ready = await self._wait_ready()
@@ -255,13 +334,14 @@ class Instance:
         finally:
             log.close()
 
-    async def _probe(self, session: aiohttp.ClientSession, timeout_s: float) -> bool:
+    async def _probe(self, timeout_s: float) -> bool:
+        """GET / (the inference server's health route) answers 200 within `timeout_s`."""
         try:
-            async with session.get(f"http://127.0.0.1:{self.port}/",
-                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            status, _ = await asyncio.wait_for(self._exchange(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
+                                               timeout_s)
+        except (OSError, asyncio.TimeoutError):
             return False
+        return status == 200
 
     async def _wait_ready(self) -> bool:
         """Poll readiness until `success_threshold` passes; give up when the process exits or the budget ends.
@@ -273,22 +353,21 @@ class Instance:
         budget = probe.initial_delay + probe.period * probe.failure_threshold
         deadline = time.monotonic() + budget
         successes = 0
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.returncode is not None:
-                    code = self.process.returncode if self.process else None
-                    self.reason = f"the inference server exited with code {code} before it was ready " \
-                                  f"(the scoring script's init() probably failed)"
-                    return False
-                if await self._probe(session, probe.timeout):
-                    successes += 1
-                    if successes >= probe.success_threshold:
-                        _serve_at_normal_priority(self.process.pid)
-                        self._set_state("ready")
-                        return True
-                else:
-                    successes = 0
-                await asyncio.sleep(READINESS_POLL_S)
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.returncode is not None:
+                code = self.process.returncode if self.process else None
+                self.reason = f"the inference server exited with code {code} before it was ready " \
+                              f"(the scoring script's init() probably failed)"
+                return False
+            if await self._probe(probe.timeout):
+                successes += 1
+                if successes >= probe.success_threshold:
+                    _serve_at_normal_priority(self.process.pid)
+                    self._set_state("ready")
+                    return True
+            else:
+                successes = 0
+            await asyncio.sleep(READINESS_POLL_S)
         self.reason = f"readiness probe did not pass within {budget} s"
         return False
 
@@ -296,27 +375,26 @@ class Instance:
         """Liveness: restart on exit or after `failure_threshold` failed probes in a row."""
         probe = self.config.liveness
         failures = 0
-        async with aiohttp.ClientSession() as session:
-            while not self._stopping:
-                process = self.process  # a restart below replaces it
-                if process is None:
-                    raise RuntimeError(f"{self.name}: supervised before it was started")
-                exit_wait = asyncio.create_task(process.wait())
-                done, _ = await asyncio.wait({exit_wait}, timeout=probe.period)
-                if self._stopping:
-                    exit_wait.cancel()
-                    return
-                if exit_wait in done:
-                    failures = probe.failure_threshold
-                    self.reason = f"process exited with code {process.returncode}"
-                else:
-                    exit_wait.cancel()
-                    failures = 0 if await self._probe(session, probe.timeout) else failures + 1
-                    if failures:
-                        self.reason = f"liveness probe failed {failures} time(s)"
-                if failures >= probe.failure_threshold:
-                    await self._restart()
-                    failures = 0
+        while not self._stopping:
+            process = self.process  # a restart below replaces it
+            if process is None:
+                raise RuntimeError(f"{self.name}: supervised before it was started")
+            exit_wait = asyncio.create_task(process.wait())
+            done, _ = await asyncio.wait({exit_wait}, timeout=probe.period)
+            if self._stopping:
+                exit_wait.cancel()
+                return
+            if exit_wait in done:
+                failures = probe.failure_threshold
+                self.reason = f"process exited with code {process.returncode}"
+            else:
+                exit_wait.cancel()
+                failures = 0 if await self._probe(probe.timeout) else failures + 1
+                if failures:
+                    self.reason = f"liveness probe failed {failures} time(s)"
+            if failures >= probe.failure_threshold:
+                await self._restart()
+                failures = 0
 
     async def _restart(self) -> None:
         self._set_state("restarting")
@@ -346,6 +424,7 @@ class Instance:
 
         The group is signalled even when the master already exited: its workers may still be serving.
         """
+        self.close_connections()  # a sync worker waiting on one would not stop at SIGTERM
         proc = self.process
         if proc is None:
             return
