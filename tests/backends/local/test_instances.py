@@ -139,10 +139,22 @@ def patient_spares(monkeypatch):
     monkeypatch.setattr(instances, "SPARE_IDLE_S", 30.0)
 
 
-def test_the_next_request_finds_its_connection_already_open(patient_spares):
-    async def scenario(worker: SyncWorker) -> None:
+def after_one_request(scenario, close_unread: frozenset[int] = frozenset()) -> None:
+    """Run `scenario(inst, worker)` once an instance pointed at a SyncWorker has scored one request."""
+    async def main(worker: SyncWorker) -> None:
         inst = instance(worker.port)
         assert await inst.score(b"{}", "application/json") == (200, b"{}")
+        try:
+            await scenario(inst, worker)
+        finally:
+            inst.close_connections()
+
+    with SyncWorker(close_unread) as worker:
+        asyncio.run(main(worker))
+
+
+def test_the_next_request_finds_its_connection_already_open(patient_spares):
+    async def scenario(inst: Instance, worker: SyncWorker) -> None:
         # the next request's connection is open, and the worker waits on it, before that request exists
         assert await until(lambda: worker.connections == [POST, b""], 5), worker.connections
         assert await inst.score(b"{}", "application/json") == (200, b"{}")
@@ -150,52 +162,40 @@ def test_the_next_request_finds_its_connection_already_open(patient_spares):
         inst.close_connections()
         assert await until(lambda: worker.connections == [POST, POST, None], 5), worker.connections
 
-    with SyncWorker() as worker:
-        asyncio.run(scenario(worker))
+    after_one_request(scenario)
 
 
 def test_probes_and_swagger_take_the_open_connection_instead_of_queueing_behind_it(patient_spares):
     """A probe on a connection of its own would wait behind the one the sync worker holds, and fail."""
-    async def scenario(worker: SyncWorker) -> None:
-        inst = instance(worker.port)
-        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+    async def scenario(inst: Instance, worker: SyncWorker) -> None:
         assert await until(lambda: worker.connections == [POST, b""], 5)
         assert await inst._probe(2.0)
         assert await inst.get("/swagger.json?version=2") == (200, b"{}")
         assert worker.connections[:3] == [POST, b"GET / HTTP/1.0", b"GET /swagger.json?version=2 HTTP/1.0"]
-        inst.close_connections()
 
-    with SyncWorker() as worker:
-        asyncio.run(scenario(worker))
+    after_one_request(scenario)
 
 
 def test_an_unused_connection_is_closed_soon_freeing_the_worker(monkeypatch):
     monkeypatch.setattr(instances, "SPARE_IDLE_S", 0.05)
 
-    async def scenario(worker: SyncWorker) -> None:
-        inst = instance(worker.port)
-        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+    async def scenario(inst: Instance, worker: SyncWorker) -> None:
         assert await until(lambda: worker.connections == [POST, None], 5), worker.connections
         assert await inst.score(b"{}", "application/json") == (200, b"{}")  # a new one, as there is none open
         assert await until(lambda: worker.connections == [POST, None, POST, None], 5), worker.connections
 
-    with SyncWorker() as worker:
-        asyncio.run(scenario(worker))
+    after_one_request(scenario)
 
 
 def test_a_connection_the_instance_closed_before_its_request_is_skipped(patient_spares):
-    async def scenario(worker: SyncWorker) -> None:
-        inst = instance(worker.port)
-        assert await inst.score(b"{}", "application/json") == (200, b"{}")
+    async def scenario(inst: Instance, worker: SyncWorker) -> None:
         assert await until(lambda: worker.connections == [POST, None], 5)
         opened = inst._opened[0].task
         assert await until(lambda: opened.done() and opened.result()[1].closed, 5)  # and we saw it close
         assert await inst.score(b"{}", "application/json") == (200, b"{}")
         assert worker.connections[:3] == [POST, None, POST]
-        inst.close_connections()
 
-    with SyncWorker(close_unread=frozenset({1})) as worker:
-        asyncio.run(scenario(worker))
+    after_one_request(scenario, close_unread=frozenset({1}))
 
 
 def test_a_request_that_times_out_closes_its_connection(patient_spares):

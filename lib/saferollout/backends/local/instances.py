@@ -240,6 +240,9 @@ class Instance:
             except OSError as exc:
                 failure = exc
                 continue
+            except asyncio.CancelledError:  # timed out while connecting: a connection made meanwhile is closed
+                opened.discard()
+                raise
             if exchange.closed:
                 failure = ConnectionError(f"{self.name} closed the connection before the request was sent")
                 continue
