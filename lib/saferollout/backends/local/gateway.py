@@ -25,7 +25,7 @@ import uvloop
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
 from saferollout.backends.local.http_server import HttpServer, Request, Response, json_response
-from saferollout.backends.local.instances import Instance
+from saferollout.backends.local.instances import GET_TIMEOUT_S, Instance
 from saferollout.backends.local.metrics import PAIR_BODY_LIMIT, RequestLog
 
 T = TypeVar("T")
@@ -332,7 +332,8 @@ class Gateway:
         except ValueError as exc:
             return _reply(400, f"{exc}", request_id, pool.name)
         except (OSError, asyncio.TimeoutError) as exc:
-            return _reply(424, f"model server is unavailable: {str(exc) or 'no answer within 30 s'}", request_id, pool.name)
+            return _reply(424, f"model server is unavailable: {str(exc) or f'no answer within {GET_TIMEOUT_S:g} s'}",
+                          request_id, pool.name)
         return Response(status, payload, "application/json",
                         {DEPLOYMENT_HEADER: pool.name, "x-request-id": request_id, "x-ms-request-id": request_id})
 

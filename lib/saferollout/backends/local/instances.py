@@ -219,7 +219,7 @@ class Instance:
         The inference server's gunicorn sync worker closes every connection after one answer, so there is nothing
         to keep alive; instead the connection for the next request is opened as soon as one is taken. That takes
         the connect, and the worker's accept, out of the next request's time: at concurrency 1 on the credit model
-        the gateway's p50 went from 1.14-1.15 to 1.00 of the direct path's (bench/gateway.py, docs/benchmarks.md).
+        the gateway's p50 went from 1.06 to 1.00-1.03 of the direct path's in the medians of bench/gateway.py.
         A sync worker that accepted a connection waits on it for its request, so every request the platform sends
         an instance (scoring, mirror copies, probes, swagger) comes through here and takes the oldest connection:
         the kernel's accept queue is first in, first out, so the one connection left waiting is always the last
