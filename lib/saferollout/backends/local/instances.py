@@ -206,12 +206,13 @@ class Instance:
             b"POST /score HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
             % (content_type.encode("latin-1"), len(body), body))
 
-    async def get(self, path: str) -> tuple[int, bytes]:
-        """GET `path` from this instance (e.g. its /swagger.json): (HTTP status, answer)."""
+    async def get(self, path: str, timeout_s: float = GET_TIMEOUT_S) -> tuple[int, bytes]:
+        """GET `path` from this instance (e.g. its /swagger.json): (HTTP status, answer); TimeoutError after
+        `timeout_s`."""
         if not path.startswith("/") or not all(0x21 <= ord(c) < 0x7f for c in path):
             raise ValueError(f"not a path to ask an instance for: {path!r}")
         return await asyncio.wait_for(self._exchange(b"GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()),
-                                      GET_TIMEOUT_S)
+                                      timeout_s)
 
     async def _exchange(self, request: bytes) -> tuple[int, bytes]:
         """Send `request` on the oldest connection opened ahead (a new one if there is none), open the next one.
@@ -263,10 +264,7 @@ class Instance:
 
     def _drop_spare(self, opened: _Opened) -> None:
         """The connection opened ahead waited SPARE_IDLE_S for a request: close it, freeing the worker it holds."""
-        try:
-            self._opened.remove(opened)
-        except ValueError:
-            return
+        self._opened.remove(opened)  # still there: taking or discarding it cancels this timer
         opened.discard()
 
     def close_connections(self) -> None:
@@ -340,8 +338,7 @@ class Instance:
     async def _probe(self, timeout_s: float) -> bool:
         """GET / (the inference server's health route) answers 200 within `timeout_s`."""
         try:
-            status, _ = await asyncio.wait_for(self._exchange(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
-                                               timeout_s)
+            status, _ = await self.get("/", timeout_s)
         except (OSError, asyncio.TimeoutError):
             return False
         return status == 200
